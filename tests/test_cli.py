@@ -1,0 +1,106 @@
+"""bubble_ref.cli: the `bubble-ref` command."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bubble_ref import __version__, cli
+
+FLOAT = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def last_float(line: str) -> float:
+    numbers = FLOAT.findall(line)
+    assert numbers, f"no number on line {line!r}"
+    return float(numbers[-1])
+
+
+def test_demo(capsys):
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "refused: SpoofedSender" in out
+    assert "accepted (this must never happen)" not in out
+    assert "(Alice: True)" in out
+    assert "content: \"Hi Bob, it's Alice. Lunch at noon?\"" in out
+    assert re.search(r"message box 1308 bytes, signature box 644 bytes", out)
+
+
+def test_run_demo_writes_to_the_given_stream(capsys):
+    import io
+    stream = io.StringIO()
+    assert cli.run_demo(stream) == 0
+    assert "refused: SpoofedSender" in stream.getvalue()
+    assert capsys.readouterr().out == ""
+
+
+def test_bench_crypto(capsys):
+    assert cli.main(["bench", "crypto", "--count", "4", "--rounds", "2", "--size", "100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bubble-ref bench crypto: 4 seals and opens of 100-byte content")
+    rows = {line.split()[0]: line for line in lines if line.startswith(("seal", "open"))}
+    assert set(rows) == {"seal", "open"}
+    for name, line in rows.items():
+        assert "ms" in line
+        ratio = last_float(line)
+        assert 0 < ratio, line
+
+
+def test_format_crypto_bench_is_built_from_the_measurements():
+    result = cli.CryptoBench(count=10, content_size=5, sign=0.002, wrap=0.0001, unwrap=0.002, verify=0.0001,
+                             seal=0.0025, open=0.005)
+    assert result.seal_bound == pytest.approx(1 / 0.0022)
+    assert result.open_bound == pytest.approx(1 / 0.0041)
+    assert result.seal_ratio == pytest.approx(0.0022 / 0.0025)
+    assert result.open_ratio == pytest.approx(0.0041 / 0.005)
+    table = cli.format_crypto_bench(result).splitlines()
+    seal_line = next(line for line in table if line.startswith("seal"))
+    open_line = next(line for line in table if line.startswith("open"))
+    assert last_float(seal_line) == pytest.approx(0.88, abs=1e-3)
+    assert last_float(open_line) == pytest.approx(0.82, abs=1e-3)
+    assert "2.500 ms" in seal_line and "400.0" in seal_line
+
+
+@pytest.mark.parametrize("args", [
+    ["--count", "1", "--rounds", "5"],
+    ["--count", "4", "--rounds", "0"],
+    ["--count", "4", "--rounds", "2", "--size", "-1"],
+], ids=["count-below-rounds", "zero-rounds", "negative-size"])
+def test_bench_bad_arguments(capsys, args):
+    assert cli.main(["bench", "crypto", *args]) == 2
+    captured = capsys.readouterr()
+    assert "count at least rounds" in captured.err
+    assert captured.out == ""
+
+
+def test_bench_crypto_function_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="count at least rounds"):
+        cli.bench_crypto(count=1, content_size=10, rounds=5)
+    with pytest.raises(ValueError, match="content_size not negative"):
+        cli.bench_crypto(count=4, content_size=-1, rounds=2)
+
+
+@pytest.mark.parametrize("argv", [[], ["bench"], ["nonsense"], ["bench", "crypto", "--count", "many"]])
+def test_usage_errors_exit_with_2(capsys, argv):
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(argv)
+    assert excinfo.value.code == 2
+    assert "usage: bubble-ref" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["--version"])
+    assert excinfo.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bubble-ref {__version__}"
+
+
+def test_console_script_runs_the_demo():
+    script = Path(sys.executable).parent / "bubble-ref"
+    assert script.is_file(), f"console script not installed next to {sys.executable}"
+    result = subprocess.run([str(script), "demo"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "refused: SpoofedSender" in result.stdout
