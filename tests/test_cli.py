@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bubble_ref import __version__, cli
+from bubble_ref import __version__, bench, cli
 
 FLOAT = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
@@ -26,7 +26,9 @@ def test_demo(capsys):
     assert "accepted (this must never happen)" not in out
     assert "(Alice: True)" in out
     assert "content: \"Hi Bob, it's Alice. Lunch at noon?\"" in out
-    assert re.search(r"message box 1308 bytes, signature box 644 bytes", out)
+    assert re.search(r"1\. A relay node is running at http://127\.0\.0\.1:\d+ ", out)
+    assert "POSTs a sealed message to the node (her TX server): 202" in out
+    assert out.rstrip().endswith("6. The node is stopped.")
 
 
 def test_run_demo_writes_to_the_given_stream(capsys):
@@ -50,13 +52,13 @@ def test_bench_crypto(capsys):
 
 
 def test_format_crypto_bench_is_built_from_the_measurements():
-    result = cli.CryptoBench(count=10, content_size=5, sign=0.002, wrap=0.0001, unwrap=0.002, verify=0.0001,
+    result = bench.CryptoBench(count=10, content_size=5, sign=0.002, wrap=0.0001, unwrap=0.002, verify=0.0001,
                              seal=0.0025, open=0.005)
     assert result.seal_bound == pytest.approx(1 / 0.0022)
     assert result.open_bound == pytest.approx(1 / 0.0041)
     assert result.seal_ratio == pytest.approx(0.0022 / 0.0025)
     assert result.open_ratio == pytest.approx(0.0041 / 0.005)
-    table = cli.format_crypto_bench(result).splitlines()
+    table = bench.format_crypto_bench(result).splitlines()
     seal_line = next(line for line in table if line.startswith("seal"))
     open_line = next(line for line in table if line.startswith("open"))
     assert last_float(seal_line) == pytest.approx(0.88, abs=1e-3)

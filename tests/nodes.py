@@ -1,0 +1,186 @@
+"""Helpers for the node tests: run `bubble-ref node` as a real subprocess on 127.0.0.1, and check error answers.
+
+`NodeProcess` starts the console script of the running interpreter's environment (never whatever `bubble-ref`
+happens to be on PATH), reads the announce line with a timeout, and stops the node with SIGTERM (then SIGKILL
+if it does not exit). Its stderr goes to a file, not a pipe: the node logs one line per request, and a pipe
+nobody reads would fill up and block it.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import requests
+
+BUBBLE_REF = Path(sys.executable).parent / "bubble-ref"
+START_TIMEOUT = 20.0  # seconds to wait for the announce line
+STOP_TIMEOUT = 15.0  # seconds to wait for a clean exit after SIGTERM
+HTTP_TIMEOUT = 10.0  # seconds, every request the tests make
+JSON = {"Content-Type": "application/json"}
+
+ANNOUNCE = re.compile(r"bubble-ref node '(?P<name>[^']*)' serving on (?P<url>http://127\.0\.0\.1:(?P<port>\d+)) "
+                      r"\(server id (?P<short_id>[0-9a-f]{16})…, proof mode (?P<mode>spec|hardened)\)")
+
+
+class NodeStartError(RuntimeError):
+    "The node process exited, or did not announce itself in time."
+
+
+class NodeProcess:
+    "One `bubble-ref node` subprocess serving `data_dir` on a free loopback port."
+
+    def __init__(self, data_dir: str | os.PathLike, name: str = "test node", *extra_args: str):
+        self.data_dir, self.name, self.extra_args = Path(data_dir), name, list(extra_args)
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self.announce = ""
+        self.stderr_path: Path | None = None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
+        self._rest: list[str] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def command(self) -> list[str]:
+        return [str(BUBBLE_REF), "node", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(self.data_dir),
+                "--name", self.name, *self.extra_args]
+
+    def start(self, timeout: float = START_TIMEOUT) -> "NodeProcess":
+        "Start the process and wait for its announce line; NodeStartError (and no process left) on failure."
+        assert self.proc is None, "a NodeProcess is started once; make a new one to restart"
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        fd, stderr_name = tempfile.mkstemp(prefix=f"{self.data_dir.name}-", suffix=".stderr.log",
+                                           dir=self.data_dir.parent)
+        self.stderr_path = Path(stderr_name)
+        with os.fdopen(fd, "wb") as stderr_file:
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=stderr_file, cwd=self.data_dir.parent, text=True, encoding="utf-8")
+        self._reader = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True,
+                                        name=f"stdout of node {self.name}")
+        self._reader.start()
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self.kill()
+            raise NodeStartError(f"node {self.name!r} did not announce itself within {timeout} s; "
+                                 f"stderr: {self.stderr()[-2000:]}") from None
+        if line is None:
+            self.kill()
+            raise NodeStartError(f"node {self.name!r} exited with {self.proc.returncode} before announcing; "
+                                 f"stderr: {self.stderr()[-2000:]}")
+        self.announce = line.rstrip("\n")
+        match = ANNOUNCE.fullmatch(self.announce)
+        if match is None:
+            self.kill()
+            raise NodeStartError(f"unexpected announce line {self.announce!r}")
+        self.url = match["url"]
+        return self
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _collect_stdout(self) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout=STOP_TIMEOUT)
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self._rest.append(line.rstrip("\n"))
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        "SIGTERM, wait for a clean exit (SIGKILL after `timeout`); returns the exit code. Safe to call twice."
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout)
+        self._collect_stdout()
+        return self.proc.returncode
+
+    def kill(self) -> int:
+        "SIGKILL, as a crash would: no cleanup in the node. Returns the exit code (-9)."
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=STOP_TIMEOUT)
+        self._collect_stdout()
+        return self.proc.returncode
+
+    def __enter__(self) -> "NodeProcess":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- output
+
+    @property
+    def stdout_after_announce(self) -> list[str]:
+        "Lines the node printed after its announce line (complete only once it has exited)."
+        return list(self._rest)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text("utf-8", errors="replace") if self.stderr_path else ""
+
+    # ------------------------------------------------------------------ HTTP
+
+    def status(self) -> dict:
+        response = requests.get(f"{self.url}/status", timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+def fetch_all(url: str, proof: dict, *, cursor: str | None = None, session=None) -> tuple[list[dict], str]:
+    "Every message of the proof's key after `cursor`, following `next_cursor` until `more` is false."
+    get = (session or requests).get
+    messages: list[dict] = []
+    for _ in range(10_000):
+        body = dict(proof) if cursor is None else {**proof, "cursor": cursor}
+        response = get(f"{url}/messages", json=body, timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        messages.extend(page["messages"])
+        assert page["more"] is False or page["messages"], "`more` with an empty page would loop forever"
+        cursor = page["next_cursor"]
+        if not page["more"]:
+            return messages, cursor
+    raise AssertionError("more than 10,000 pages")
+
+
+def assert_error(response: requests.Response, status: int, code: str, phrase: str | None = None) -> dict:
+    "`response` is the JSON error {error, detail} (exactly those keys) with `status`, `code` and `phrase` in detail."
+    assert 400 <= status < 500
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers.get("Content-Type", "").split(";")[0].strip() == "application/json", response.headers
+    body = response.json()
+    assert isinstance(body, dict) and set(body) == {"error", "detail"}, body
+    assert body["error"] == code, body
+    assert isinstance(body["detail"], str) and body["detail"].strip(), body
+    if phrase is not None:
+        assert phrase in body["detail"], body
+    return body
+
+
+def assert_alive(url: str) -> None:
+    "The node still answers /status with 200 and its JSON."
+    response = requests.get(f"{url}/status", timeout=HTTP_TIMEOUT)
+    assert response.status_code == 200, response.text
+    assert set(response.json()) >= {"server_id", "public_key", "version", "load", "stored_messages"}

@@ -1,0 +1,117 @@
+"""The relay's OpenAPI document: valid OpenAPI 3.1, served at /openapi.json, and true to the Flask routes."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import requests
+from openapi_spec_validator import validate
+
+from bubble_ref import __version__
+from bubble_ref.node import Node
+from bubble_ref.relay import create_app, openapi_document, start_server
+
+HTTP_METHODS = {"get", "put", "post", "delete", "patch"}
+# every status the relay answers /messages with besides success (404 is only for paths that do not exist)
+MESSAGES_ERRORS = {"400", "401", "405", "413", "415"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = start_server(Node.open(tmp_path_factory.mktemp("openapi-node")), host="127.0.0.1", port=0)
+    try:
+        yield running
+    finally:
+        running.stop()
+        running.node.close()
+
+
+@pytest.fixture(scope="module")
+def served(server) -> dict:
+    response = requests.get(f"{server.url}/openapi.json", timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("application/json")
+    return response.json()
+
+
+def openapi_path(rule: str) -> str:
+    "A Werkzeug rule like /users/<int:id> written as an OpenAPI path: /users/{id}."
+    return re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule)
+
+
+def test_document_is_valid_openapi_3_1():
+    document = openapi_document()
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    assert document["info"]["version"] == __version__
+
+
+def test_the_validator_is_not_a_no_op():
+    "The validation above means something: a document with a broken response is refused."
+    from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
+    broken = openapi_document()
+    broken["paths"]["/status"]["get"]["responses"]["200"] = {"content": {}}  # no description
+    with pytest.raises(OpenAPIValidationError):
+        validate(broken)
+
+
+def test_served_document_is_valid_and_the_same(served):
+    validate(served)
+    assert served == openapi_document()
+
+
+def test_every_flask_route_is_documented(server, served):
+    app = create_app(server.node)
+    routes = [rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"]
+    assert {openapi_path(r.rule) for r in routes} >= {"/messages", "/status", "/openapi.json"}
+    for rule in routes:
+        path = openapi_path(rule.rule)
+        assert path in served["paths"], f"route {rule.rule} is not documented"
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            assert method.lower() in served["paths"][path], f"{method} {rule.rule} is not documented"
+
+
+def test_every_documented_operation_exists(server, served):
+    app = create_app(server.node)
+    served_ops = {(openapi_path(r.rule), m.lower()) for r in app.url_map.iter_rules() if r.endpoint != "static"
+                  for m in r.methods - {"HEAD", "OPTIONS"}}
+    documented = {(path, method) for path, item in served["paths"].items() for method in item if method in HTTP_METHODS}
+    assert documented == served_ops
+
+
+def test_messages_documents_every_error_status(served):
+    operations = served["paths"]["/messages"]
+    documented = set().union(*(set(op["responses"]) for op in operations.values()))
+    missing = MESSAGES_ERRORS - documented
+    assert not missing, f"/messages does not document {sorted(missing)}"
+    assert "202" in operations["post"]["responses"] and "200" in operations["get"]["responses"]
+    assert "401" in operations["get"]["responses"], "proof failures are GET /messages answers"
+
+
+def test_error_responses_use_the_error_schema(served):
+    error = served["components"]["schemas"]["Error"]
+    assert error["required"] == ["error", "detail"] and set(error["properties"]) == {"error", "detail"}
+    for path, item in served["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                if status.startswith("4"):
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (path, method, status)
+
+
+def test_request_bodies_match_the_packet_schemas(served):
+    schemas = served["components"]["schemas"]
+    post = served["paths"]["/messages"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    get = served["paths"]["/messages"]["get"]["requestBody"]["content"]["application/json"]["schema"]
+    assert post == {"$ref": "#/components/schemas/ClientMessagePacket"}
+    assert get == {"$ref": "#/components/schemas/RetrievalPacket"}
+    assert set(schemas["ClientMessagePacket"]["required"]) == {"recipient", "message", "signature"}
+    assert set(schemas["RetrievalPacket"]["properties"]) == {"public_key", "signature", "timestamp", "cursor"}
+    assert "$ref" not in str(schemas["ClientMessagePacket"]), "common.json references are inlined"
+
+
+def test_status_schema_lists_what_status_returns(server, served):
+    status = requests.get(f"{server.url}/status", timeout=10).json()
+    schema = served["components"]["schemas"]["Status"]
+    assert set(status) == set(schema["properties"])
+    assert set(schema["required"]) <= set(status)
