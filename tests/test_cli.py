@@ -26,9 +26,13 @@ def test_demo(capsys):
     assert "accepted (this must never happen)" not in out
     assert "(Alice: True)" in out
     assert "content: \"Hi Bob, it's Alice. Lunch at noon?\"" in out
-    assert re.search(r"1\. A relay node is running at http://127\.0\.0\.1:\d+ ", out)
-    assert "POSTs a sealed message to the node (her TX server): 202" in out
-    assert out.rstrip().endswith("6. The node is stopped.")
+    assert "1. A mesh of three relay nodes is running on loopback: A — B — C" in out
+    assert len(re.findall(r"   [ABC] at http://127\.0\.0\.1:\d+ ", out)) == 3
+    assert "POSTs a sealed message to node A (her TX server): 202" in out
+    assert "node A: hop 0, from Alice" in out and "node B: hop 1, relayed by A" in out
+    assert "node C: hop 2, relayed by B" in out
+    assert "Bob GETs his messages from node C (his RX server): 1 message" in out
+    assert out.rstrip().endswith("6. The nodes are stopped.")
 
 
 def test_run_demo_writes_to_the_given_stream(capsys):
