@@ -91,7 +91,11 @@ def build_example_packets(alice: crypto.Identity, bob: crypto.Identity, clock) -
                                votes={alice.id: "blacklist", bob.id: "abstain", OTHER_SERVER_ID: "whitelist"},
                                final_decision="blacklisted", timestamp=FIXED_TIMESTAMP),
         packets.ServerListRequest(requester_id=alice.id, timestamp=FIXED_TIMESTAMP),
-        packets.ServerListResponse(known_servers=(SERVER_ID, OTHER_SERVER_ID), timestamp=FIXED_TIMESTAMP),
+        packets.ServerListResponse(  # with the optional signed extension, so every field is exercised
+            known_servers=(alice.id, bob.id), timestamp=FIXED_TIMESTAMP,
+            servers=({"server_id": alice.id, "url": "http://127.0.0.1:8000", "public_key": alice.public.b64},
+                     {"server_id": bob.id, "url": "http://127.0.0.1:8001", "public_key": bob.public.b64}),
+            responder_id=alice.id, signature=b64(alice.sign(b"the canonical bytes of the list"))),
         packets.SignedMessage(message=signed_content, signature=b64(alice.sign(signed_bytes)),
                               public_key=alice.public.b64),
     ]

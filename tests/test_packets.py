@@ -113,10 +113,14 @@ def test_typed_packets_write_their_type_first(example_packets):
         assert data["type"] == cls.schema
 
 
-def test_nested_packets_rebuild_their_nested_types(example_packets):
+def test_nested_packets_rebuild_their_nested_types(example_packets, alice, bob):
     response = ServerListResponse.from_json(example_packets[ServerListResponse].to_json())
-    assert response.known_servers == (SERVER_ID, OTHER_SERVER_ID)
-    assert isinstance(response.known_servers, tuple)
+    assert response.known_servers == (alice.id, bob.id)
+    assert isinstance(response.known_servers, tuple) and isinstance(response.servers, tuple)
+    assert response.servers[1] == {"server_id": bob.id, "url": "http://127.0.0.1:8001", "public_key": bob.public.b64}
+    plain = ServerListResponse(known_servers=(SERVER_ID, OTHER_SERVER_ID), timestamp=FIXED_TIMESTAMP)
+    assert set(plain.to_dict()) == {"type", "known_servers", "timestamp"}  # the seed's form, no extension fields
+    assert ServerListResponse.from_dict(plain.to_dict()) == plain
     signed = SignedMessage.from_json(example_packets[SignedMessage].to_json())
     assert signed.message == SignedContent(content="signed hello", timestamp=FIXED_TIMESTAMP)
 
