@@ -113,3 +113,16 @@ def test_no_sync_request_without_known_peers(tmp_path):
         assert lonely.make_sync_request(random.Random(0)) is None
     finally:
         lonely.close()
+
+
+def test_trace_describes_only_packets_still_held_and_the_log_is_cleaned(pair, alice, bob):
+    a, b, clock = pair
+    packet_id = post(a, alice, bob, "short-lived")
+    assert a.trace(packet_id)["hops"] == 0
+    clock.advance(timedelta(days=8))
+    assert a.trace(packet_id) is None  # expired: no trace even before the sweep
+    clock.advance(a.config.sweep_interval)
+    assert a.tick() == 1
+    assert a.mailbox.connection().execute("SELECT count(*) FROM relay_log").fetchone()[0] == 0
+    again = post(a, alice, bob, "short-lived")  # a new packet (new box), traced afresh
+    assert a.trace(again)["hops"] == 0
