@@ -1,0 +1,172 @@
+"""The client against a live in-process mesh of three nodes (each linked to the other two)."""
+import json
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from bubble_ref.client import (
+    Client, ClientError, NoServerAvailable, ServerKeyWarning, Transport, read_self_copy, self_copy_content)
+from bubble_ref.crypto import Identity
+from bubble_ref.envelope import seal
+from bubble_ref.mesh import MeshNode, build_topology, free_port, start_mesh_node
+from bubble_ref.node import NodeConfig
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client-mesh")
+    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
+    links = build_topology(3, "ring")
+    running = [start_mesh_node(MeshNode.open(root / str(i), peers=tuple(urls[j] for j in links[i]),
+                                             config=NodeConfig(name=f"n{i}")), port=int(urls[i].rsplit(":", 1)[1]))
+               for i in range(3)]
+    deadline = time.monotonic() + 20
+    while any(r.node.unresolved_peers() for r in running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield urls
+    for r in running:
+        r.stop()
+
+
+def client(tmp_path, name, identity=None, servers=(), **kwargs):
+    identity = identity or Identity.generate()
+    return Client(identity, tmp_path / name, default_servers=tuple(servers), **kwargs)
+
+
+def wait_for(condition, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+class FailingTransport(Transport):
+    "A transport for which some URLs are unreachable (a dead server), counting the attempts."
+
+    def __init__(self, dead=()):
+        super().__init__()
+        self.dead, self.attempts = set(dead), []
+
+    def request(self, method, url, body=None):
+        self.attempts.append((method, url))
+        if any(url.startswith(d) for d in self.dead):
+            raise ClientError(f"{url} could not be reached (simulated)")
+        return super().request(method, url, body)
+
+
+def test_login_with_a_key_file_and_password(tmp_path, alice):
+    alice.save(tmp_path / "alice.pem", password="pw")
+    logged_in = Client.login(tmp_path / "alice.pem", tmp_path / "profile", password="pw")
+    assert logged_in.identity.id == alice.id
+    logged_in.close()
+    with pytest.raises(ClientError, match="wrong password"):
+        Client.login(tmp_path / "alice.pem", tmp_path / "profile", password="nope")
+    with pytest.raises(ClientError, match="cannot log in"):
+        Client.login(tmp_path / "missing.pem", tmp_path / "profile")
+
+
+def test_one_server_is_not_enough_then_discovery_grows_the_registry(tmp_path, mesh):
+    c = client(tmp_path, "c", servers=mesh[:1])
+    with pytest.raises(NoServerAvailable, match="TX and RX need two different ones"):
+        c.choose()
+    assert c.discover() == 2
+    assert c.discover() == 0  # nothing new the second time...
+    assert sorted(s.url for s in c.servers()) == sorted(mesh)
+    assert all(s.vouchers == 2 for s in c.servers())  # ...but every key is now confirmed by two other servers
+    c.refresh_load()
+    tx, rx = c.choose()
+    assert tx != rx and {tx, rx} <= set(mesh)
+    c.close()
+
+
+def test_alice_and_bob_talk_both_ways_with_tx_different_from_rx(tmp_path, mesh):
+    alice, bob = client(tmp_path, "alice", servers=mesh), client(tmp_path, "bob", servers=mesh)
+    for c in (alice, bob):
+        c.refresh_load()
+        assert c.choose()[0] != c.choose()[1]
+    alice.send(bob.identity.public, "ping")
+    wait_for(lambda: bob.poll() or [m.content for m in bob.history()] == ["ping"])
+    bob.send(alice.identity.public.pem, "pong")  # a PEM spelling of the key works too
+    wait_for(lambda: alice.poll() or len(alice.history()) == 2)
+    assert [(m.direction, m.content) for m in alice.history(bob.identity.public)] == [("out", "ping"), ("in", "pong")]
+    assert [(m.direction, m.content) for m in bob.history(alice.identity.public)] == [("in", "ping"), ("out", "pong")]
+    assert alice.poll() == [] and len(alice.history()) == 2  # polling again records nothing twice
+    alice.close()
+    bob.close()
+
+
+def test_two_devices_with_one_key_share_one_history(tmp_path, mesh):
+    me, friend = Identity.generate(), client(tmp_path, "friend", servers=mesh)
+    laptop, phone = client(tmp_path, "laptop", me, mesh), client(tmp_path, "phone", me, mesh)
+    for c in (laptop, phone, friend):
+        c.refresh_load()
+        c.choose()
+    if phone.rx == laptop.rx:  # make the two devices read from different RX servers
+        phone.rx = next(u for u in mesh if u not in (laptop.rx, phone.tx))
+    assert phone.rx != laptop.rx and phone.rx != phone.tx
+    laptop.send(friend.identity.public, "sent from the laptop")
+    friend.send(me.public, "to both your devices")
+    for device in (laptop, phone):
+        wait_for(lambda: device.poll() or len(device.history()) == 2)
+    assert [m.uuid for m in phone.history()] == [m.uuid for m in laptop.history()]
+    assert {(m.direction, m.content) for m in phone.history()} == {
+        ("out", "sent from the laptop"), ("in", "to both your devices")}
+    for c in (laptop, phone, friend):
+        c.close()
+
+
+def test_a_dead_tx_server_is_replaced_and_the_message_arrives_exactly_once(tmp_path, mesh):
+    bob = client(tmp_path, "bob2", servers=mesh)
+    bob.refresh_load()
+    bob.choose()
+    tx_transport = FailingTransport()
+    alice = client(tmp_path, "alice2", servers=mesh, tx=tx_transport)
+    alice.refresh_load()
+    first_tx, _ = alice.choose()
+    tx_transport.dead.add(first_tx)  # the TX server dies mid-conversation
+    alice.send(bob.identity.public, "still there?")
+    assert alice.tx != first_tx
+    assert ("POST", f"{first_tx}/messages") in tx_transport.attempts
+    wait_for(lambda: bob.poll() or len(bob.history()) == 1)
+    time.sleep(0.3)
+    bob.poll()
+    assert [m.content for m in bob.history()] == ["still there?"]
+    alice.close()
+    bob.close()
+
+
+def test_a_server_with_a_new_key_triggers_a_warning_and_is_distrusted(tmp_path, mesh):
+    c = client(tmp_path, "pinning", servers=mesh[:1])
+    impostor = Identity.generate()
+
+    class Impostor(Transport):
+        def request(self, method, url, body=None):
+            status, answer = super().request(method, url, body)
+            if url.endswith("/status") and isinstance(answer, dict):
+                answer = {**answer, "public_key": impostor.public.b64, "server_id": impostor.id}
+            return status, answer
+
+    c.rx_transport = Impostor()
+    with pytest.warns(ServerKeyWarning, match="pinned"):
+        c.learn(mesh[0])
+    assert c.servers() == [] and len(c.servers(trusted_only=False)) == 1
+    c.close()
+
+
+def test_forgeries_and_other_peoples_self_copies_never_enter_the_history(tmp_path, mesh, mallory):
+    alice, bob = client(tmp_path, "alice3", servers=mesh), client(tmp_path, "bob3", servers=mesh)
+    for c in (alice, bob):
+        c.refresh_load()
+        c.choose()
+    # Mallory writes Bob a "self-copy" claiming Bob sent something: it is not from Bob, so it is an ordinary message
+    fake = seal(mallory, bob.identity.public, self_copy_content(alice.identity.public, "I owe Mallory", "x" * 8))
+    Transport().request("POST", f"{bob.rx}/messages", fake.to_dict())
+    wait_for(lambda: bob.poll() or len(bob.history()) == 1)
+    entry = bob.history()[0]
+    assert entry.direction == "in" and entry.peer == mallory.public.b64
+    assert read_self_copy(entry.content)["content"] == "I owe Mallory"  # shown as what Mallory sent, nothing more
+    assert read_self_copy("plain text") is None and read_self_copy(json.dumps({"kind": "other"})) is None
+    alice.close()
+    bob.close()
