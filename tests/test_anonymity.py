@@ -1,0 +1,99 @@
+"""The loopback forward proxy, and a client whose TX and RX traffic leave through different proxies."""
+import time
+
+import pytest
+import requests
+
+from bubble_ref.anonymity import ForwardProxy, RequestLog
+from bubble_ref.client import Client, Transport
+from bubble_ref.crypto import Identity
+from bubble_ref.mesh import MeshNode, build_topology, free_port, start_mesh_node
+from bubble_ref.node import Node, NodeConfig
+from bubble_ref.relay import start_server
+
+
+@pytest.fixture
+def proxy():
+    p = ForwardProxy("127.0.0.2").start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def node(tmp_path):
+    running = start_server(Node.open(tmp_path / "node"))
+    yield running
+    running.stop()
+    running.node.close()
+
+
+def through(proxy_url):
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = {"http": proxy_url}
+    return session
+
+
+def test_the_server_sees_the_proxy_address_and_bodies_pass_unchanged(proxy, node):
+    with RequestLog() as seen:
+        status = through(proxy.url).get(f"{node.url}/status", timeout=10)
+        bad = through(proxy.url).post(f"{node.url}/messages", json={"not": "a packet"}, timeout=10)
+    assert status.status_code == 200 and status.json()["server_id"] == node.node.id
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid_packet"  # the node's JSON came back intact
+    assert [(s.address, s.method, s.path) for s in seen.seen] == [
+        ("127.0.0.2", "GET", "/status"), ("127.0.0.2", "POST", "/messages")]
+    assert proxy.forwarded == 2
+
+
+@pytest.mark.parametrize("target, status", [
+    ("http://192.0.2.1/status", 403),        # not loopback: never forwarded
+    ("http://example.invalid/status", 403),  # a name, not a loopback IP
+])
+def test_the_proxy_forwards_to_loopback_only(proxy, target, status):
+    response = through(proxy.url).get(target, timeout=10)
+    assert response.status_code == status and "loopback" in response.text
+    assert proxy.forwarded == 0
+
+
+def test_the_proxy_wants_absolute_http_urls(proxy):
+    response = requests.get(f"{proxy.url}/status", timeout=10)  # a plain request to the proxy itself
+    assert response.status_code == 400 and "absolute http://" in response.text
+
+
+def test_a_proxy_only_listens_on_loopback():
+    with pytest.raises(ValueError, match="not a loopback address"):
+        ForwardProxy("0.0.0.0")
+
+
+def test_tx_and_rx_servers_log_different_client_addresses(tmp_path):
+    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    running = [start_mesh_node(MeshNode.open(tmp_path / str(i), peers=(urls[1 - i],), config=NodeConfig(name=str(i))),
+                               port=int(urls[i].rsplit(":", 1)[1])) for i in range(2)]
+    tx_proxy, rx_proxy = ForwardProxy("127.0.0.2").start(), ForwardProxy("127.0.0.3").start()
+    try:
+        while any(r.node.unresolved_peers() for r in running):
+            time.sleep(0.05)
+        alice = Client(Identity.generate(), tmp_path / "alice", default_servers=tuple(urls),
+                       tx=Transport(proxy=tx_proxy.url), rx=Transport(proxy=rx_proxy.url))
+        alice.refresh_load()
+        alice.choose()
+        bob = Client(Identity.generate(), tmp_path / "bob", default_servers=tuple(urls))
+        bob.refresh_load()
+        bob.choose()
+        bob.send(alice.identity.public, "hello Alice")  # before the log starts: only Alice's traffic is watched
+        with RequestLog() as seen:
+            alice.send(bob.identity.public, "hello Bob")
+            deadline = time.monotonic() + 15
+            while not alice.poll():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        bob.close()
+        posted = {s.address for s in seen.seen if (s.method, s.path) == ("POST", "/messages")}
+        fetched = {s.address for s in seen.seen if (s.method, s.path) == ("GET", "/messages")}
+        assert posted == {"127.0.0.2"} and fetched == {"127.0.0.3"}
+        alice.close()
+    finally:
+        tx_proxy.stop()
+        rx_proxy.stop()
+        for r in running:
+            r.stop()
