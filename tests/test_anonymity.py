@@ -97,3 +97,71 @@ def test_tx_and_rx_servers_log_different_client_addresses(tmp_path):
         rx_proxy.stop()
         for r in running:
             r.stop()
+
+
+@pytest.fixture
+def pair_of_nodes(tmp_path):
+    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    running = [start_mesh_node(MeshNode.open(tmp_path / f"n{i}", peers=(urls[1 - i],), config=NodeConfig(name=str(i))),
+                               port=int(urls[i].rsplit(":", 1)[1])) for i in range(2)]
+    while any(r.node.unresolved_peers() for r in running):
+        time.sleep(0.05)
+    yield urls
+    for r in running:
+        r.stop()
+
+
+def test_fake_and_real_posts_have_identical_sizes_and_fakes_never_reach_a_history(tmp_path, pair_of_nodes):
+    import random
+
+    from bubble_ref.anonymity import CoverTraffic, WireTap
+
+    tap = WireTap()
+    alice = Client(Identity.generate(), tmp_path / "alice", default_servers=tuple(pair_of_nodes), tx=tap)
+    bob = Client(Identity.generate(), tmp_path / "bob", default_servers=tuple(pair_of_nodes))
+    for c in (alice, bob):
+        c.refresh_load()
+        c.choose()
+    cover = CoverTraffic(alice, rate_per_minute=60, rng=random.Random(1), get_share=0.0)
+    real_contents = ["", "short", "x" * 900]  # empty, short, and long enough to need the 2 KiB bucket
+    for text in real_contents:
+        alice.send(bob.identity.public, text)
+        cover.step()
+        cover.step()
+    sizes = {size for _, method, size in tap.seen if method == "POST"}
+    assert cover.sent == {"post": 6, "get": 0} and len(sizes) == 1
+    deadline = time.monotonic() + 15
+    while len(bob.history()) < 3:
+        assert time.monotonic() < deadline
+        bob.poll()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    bob.poll()
+    assert sorted(m.content for m in bob.history()) == sorted(real_contents)
+    assert sorted(m.content for m in alice.history()) == sorted(real_contents)
+    assert bob.rejected == 0  # fakes are sealed to throwaway keys: they never even reach Bob's mailbox
+    alice.close()
+    bob.close()
+
+
+def test_cover_traffic_runs_in_the_background_at_a_poisson_rate(tmp_path, pair_of_nodes):
+    import random
+    import statistics
+
+    from bubble_ref.anonymity import CoverTraffic
+
+    alice = Client(Identity.generate(), tmp_path / "alice2", default_servers=tuple(pair_of_nodes))
+    cover = CoverTraffic(alice, rate_per_minute=1200, rng=random.Random(3))
+    delays = [cover.next_delay() for _ in range(2000)]
+    assert statistics.mean(delays) == pytest.approx(60 / 1200, rel=0.1)  # mean gap = 1 / rate
+    assert statistics.stdev(delays) == pytest.approx(statistics.mean(delays), rel=0.15)  # exponential: sd = mean
+    cover.start()
+    deadline = time.monotonic() + 15
+    while sum(cover.sent.values()) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cover.stop()
+    assert cover.sent["post"] + cover.sent["get"] >= 5 and alice.history() == []
+    with pytest.raises(ValueError):
+        CoverTraffic(alice, rate_per_minute=0)
+    alice.close()
