@@ -367,6 +367,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'bubble_ref.relay._error': ('relay.html#_error', 'bubble_ref/relay.py'),
                                   'bubble_ref.relay._require_json_body': ('relay.html#_require_json_body', 'bubble_ref/relay.py'),
                                   'bubble_ref.relay._schema': ('relay.html#_schema', 'bubble_ref/relay.py'),
+                                  'bubble_ref.relay._serve_until_stopped': ('relay.html#_serve_until_stopped', 'bubble_ref/relay.py'),
                                   'bubble_ref.relay._tick_every': ('relay.html#_tick_every', 'bubble_ref/relay.py'),
                                   'bubble_ref.relay.create_app': ('relay.html#create_app', 'bubble_ref/relay.py'),
                                   'bubble_ref.relay.error_response': ('relay.html#error_response', 'bubble_ref/relay.py'),
