@@ -22,17 +22,18 @@ def last_float(line: str) -> float:
 def test_demo(capsys):
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
-    assert "refused: SpoofedSender" in out
-    assert "accepted (this must never happen)" not in out
-    assert "(Alice: True)" in out
-    assert "content: \"Hi Bob, it's Alice. Lunch at noon?\"" in out
     assert "1. A mesh of three relay nodes is running on loopback: A — B — C" in out
     assert len(re.findall(r"   [ABC] at http://127\.0\.0\.1:\d+ ", out)) == 3
-    assert "POSTs a sealed message to node A (her TX server): 202" in out
-    assert "node A: hop 0, from Alice" in out and "node B: hop 1, relayed by A" in out
-    assert "node C: hop 2, relayed by B" in out
-    assert "Bob GETs his messages from node C (his RX server): 1 message" in out
-    assert out.rstrip().endswith("6. The nodes are stopped.")
+    choices = re.findall(r"^   (Alice|Bob) +loads \(requests/s\): A [\d.]+, B [\d.]+, C [\d.]+  →  TX ([ABC]), RX ([ABC])$",
+                         out, flags=re.MULTILINE)
+    assert [who for who, _, _ in choices] == ["Alice", "Bob"] and all(tx != rx for _, tx, rx in choices)
+    alice_tx = choices[0][1]
+    assert f"POSTs it to {alice_tx} (her TX server)" in out
+    assert f"node {alice_tx}: hop 0, from Alice" in out and len(re.findall(r"   node [ABC]: hop \d", out)) == 3
+    assert f"polls {choices[1][2]} (his RX server) and opens 1 message" in out
+    assert "from Alice: True" in out and "content: \"Hi Bob, it's Alice. Lunch at noon?\"" in out
+    assert "refused: SpoofedSender" in out and "accepted (this must never happen)" not in out
+    assert out.rstrip().endswith("7. The nodes are stopped.")
 
 
 def test_run_demo_writes_to_the_given_stream(capsys):
