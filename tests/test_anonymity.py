@@ -7,9 +7,18 @@ import requests
 from bubble_ref.anonymity import ForwardProxy, RequestLog
 from bubble_ref.client import Client, Transport
 from bubble_ref.crypto import Identity
-from bubble_ref.mesh import MeshNode, build_topology, free_port, start_mesh_node
-from bubble_ref.node import Node, NodeConfig
+from bubble_ref.mesh import start_local_mesh
+from bubble_ref.node import Node
 from bubble_ref.relay import start_server
+
+
+@pytest.fixture
+def pair_of_nodes(tmp_path):
+    "Two linked in-process mesh nodes; their URLs."
+    running = start_local_mesh(tmp_path / "mesh", ["n0", "n1"], "line")
+    yield [r.url for r in running.values()]
+    for r in running.values():
+        r.stop()
 
 
 @pytest.fixture
@@ -65,14 +74,10 @@ def test_a_proxy_only_listens_on_loopback():
         ForwardProxy("0.0.0.0")
 
 
-def test_tx_and_rx_servers_log_different_client_addresses(tmp_path):
-    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
-    running = [start_mesh_node(MeshNode.open(tmp_path / str(i), peers=(urls[1 - i],), config=NodeConfig(name=str(i))),
-                               port=int(urls[i].rsplit(":", 1)[1])) for i in range(2)]
+def test_tx_and_rx_servers_log_different_client_addresses(tmp_path, pair_of_nodes):
+    urls = pair_of_nodes
     tx_proxy, rx_proxy = ForwardProxy("127.0.0.2").start(), ForwardProxy("127.0.0.3").start()
     try:
-        while any(r.node.unresolved_peers() for r in running):
-            time.sleep(0.05)
         alice = Client(Identity.generate(), tmp_path / "alice", default_servers=tuple(urls),
                        tx=Transport(proxy=tx_proxy.url), rx=Transport(proxy=rx_proxy.url))
         alice.refresh_load()
@@ -95,20 +100,8 @@ def test_tx_and_rx_servers_log_different_client_addresses(tmp_path):
     finally:
         tx_proxy.stop()
         rx_proxy.stop()
-        for r in running:
-            r.stop()
 
 
-@pytest.fixture
-def pair_of_nodes(tmp_path):
-    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
-    running = [start_mesh_node(MeshNode.open(tmp_path / f"n{i}", peers=(urls[1 - i],), config=NodeConfig(name=str(i))),
-                               port=int(urls[i].rsplit(":", 1)[1])) for i in range(2)]
-    while any(r.node.unresolved_peers() for r in running):
-        time.sleep(0.05)
-    yield urls
-    for r in running:
-        r.stop()
 
 
 def test_fake_and_real_posts_have_identical_sizes_and_fakes_never_reach_a_history(tmp_path, pair_of_nodes):

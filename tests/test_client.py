@@ -10,23 +10,14 @@ from bubble_ref.client import (
     Client, ClientError, NoServerAvailable, ServerKeyWarning, Transport, read_self_copy, self_copy_content)
 from bubble_ref.crypto import Identity
 from bubble_ref.envelope import seal
-from bubble_ref.mesh import MeshNode, build_topology, free_port, start_mesh_node
-from bubble_ref.node import NodeConfig
+from bubble_ref.mesh import start_local_mesh
 
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    root = tmp_path_factory.mktemp("client-mesh")
-    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(3)]
-    links = build_topology(3, "ring")
-    running = [start_mesh_node(MeshNode.open(root / str(i), peers=tuple(urls[j] for j in links[i]),
-                                             config=NodeConfig(name=f"n{i}")), port=int(urls[i].rsplit(":", 1)[1]))
-               for i in range(3)]
-    deadline = time.monotonic() + 20
-    while any(r.node.unresolved_peers() for r in running) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield urls
-    for r in running:
+    running = start_local_mesh(tmp_path_factory.mktemp("client-mesh"), ["n0", "n1", "n2"], "ring")
+    yield [r.url for r in running.values()]
+    for r in running.values():
         r.stop()
 
 

@@ -10,7 +10,8 @@ import requests
 from bubble_ref.client import CLIENT_MIN_PADDED
 from bubble_ref.crypto import Identity
 from bubble_ref.envelope import check_packet, seal
-from bubble_ref.mesh import MeshConfig, add_mesh_routes, build_topology, free_port, sign_relay, start_mesh_workers
+from bubble_ref.mesh import (
+    MeshConfig, add_mesh_routes, build_topology, free_port, sign_relay, start_mesh_workers, wait_for_peers)
 from bubble_ref.node import NodeConfig, NodeError
 from bubble_ref.relay import create_app, start_server
 from bubble_ref.reputation import WEIGHTS, MonitoredNode, add_reputation_routes, run_audit
@@ -33,10 +34,7 @@ def triangle(tmp_path):
         add_reputation_routes(app, node)
         handles.append((start_server(node, port=int(urls[n].rsplit(":", 1)[1]), app=app), start_mesh_workers(node)))
         node.url, nodes[n] = urls[n], node
-    deadline = time.monotonic() + 20
-    while any(node.unresolved_peers() for node in nodes.values()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_peers(nodes.values())
     yield nodes, urls
     for server, workers in handles:
         workers.halt()

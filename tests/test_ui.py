@@ -6,8 +6,7 @@ import pytest
 from bubble_ref.client import Client
 from bubble_ref.contacts import Contact, ContactBook, ContactError
 from bubble_ref.crypto import Identity
-from bubble_ref.mesh import MeshNode, free_port, start_mesh_node
-from bubble_ref.node import NodeConfig
+from bubble_ref.mesh import start_local_mesh
 from bubble_ref.ui import ChatSession, ChatWidget
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(32)
@@ -15,14 +14,9 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(32)
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chat-mesh")
-    urls = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
-    running = [start_mesh_node(MeshNode.open(root / str(i), peers=(urls[1 - i],), config=NodeConfig(name=str(i))),
-                               port=int(urls[i].rsplit(":", 1)[1])) for i in range(2)]
-    while any(r.node.unresolved_peers() for r in running):
-        time.sleep(0.05)
-    yield urls
-    for r in running:
+    running = start_local_mesh(tmp_path_factory.mktemp("chat-mesh"), ["0", "1"], "line")
+    yield [r.url for r in running.values()]
+    for r in running.values():
         r.stop()
 
 
