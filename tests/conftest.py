@@ -85,11 +85,18 @@ def build_example_packets(alice: crypto.Identity, bob: crypto.Identity, clock) -
                              timestamp=FIXED_TIMESTAMP),
         packets.EncryptedSignature(signature=b64(alice.sign(b"message box bytes"))),
         envelope.make_retrieval_proof(bob, server_id=SERVER_ID, clock=clock),
-        packets.MisbehaviorReport(reporter_id=alice.id, reported_server_id=SERVER_ID, timestamp=FIXED_TIMESTAMP,
-                                  evidence=b64(b"evidence: a server dropped my packet")),
+        packets.MisbehaviorReport(  # with the optional signed extension, so every field is exercised
+            reporter_id=alice.id, reported_server_id=SERVER_ID, timestamp=FIXED_TIMESTAMP,
+            evidence=b64(b"evidence: a server dropped my packet"), public_key=alice.public.b64,
+            signature=b64(alice.sign(b"the canonical bytes of the report"))),
         packets.QuorumDecision(reported_server_id=SERVER_ID,
                                votes={alice.id: "blacklist", bob.id: "abstain", OTHER_SERVER_ID: "whitelist"},
-                               final_decision="blacklisted", timestamp=FIXED_TIMESTAMP),
+                               final_decision="blacklisted", timestamp=FIXED_TIMESTAMP,
+                               signed_votes=tuple({"type": "vote", "voter_id": voter, "reported_server_id": SERVER_ID,
+                                                   "vote": value, "timestamp": FIXED_TIMESTAMP,
+                                                   "signature": b64(alice.sign(voter.encode()))}
+                                                  for voter, value in ((alice.id, "blacklist"), (bob.id, "abstain"),
+                                                                       (OTHER_SERVER_ID, "whitelist")))),
         packets.ServerListRequest(requester_id=alice.id, timestamp=FIXED_TIMESTAMP),
         packets.ServerListResponse(  # with the optional signed extension, so every field is exercised
             known_servers=(alice.id, bob.id), timestamp=FIXED_TIMESTAMP,
