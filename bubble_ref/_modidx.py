@@ -404,6 +404,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                              'bubble_ref/reputation.py'),
                                        'bubble_ref.reputation.MonitoredNode.audit_result': ( 'reputation.html#monitorednode.audit_result',
                                                                                              'bubble_ref/reputation.py'),
+                                       'bubble_ref.reputation.MonitoredNode.audit_results': ( 'reputation.html#monitorednode.audit_results',
+                                                                                              'bubble_ref/reputation.py'),
                                        'bubble_ref.reputation.MonitoredNode.audits': ( 'reputation.html#monitorednode.audits',
                                                                                        'bubble_ref/reputation.py'),
                                        'bubble_ref.reputation.MonitoredNode.blacklisted': ( 'reputation.html#monitorednode.blacklisted',
