@@ -18,14 +18,14 @@ from waitress.task import ErrorTask
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from .node import Node, NodeError
+from .node import Node, NodeConfig, NodeError
 from .packets import _inline_common, load_schema
 
 log = logging.getLogger("bubble_ref.relay")
 
 # %% auto #0
 __all__ = ['log', 'HTTP_ERROR_CODES', 'WAITRESS_BODY_FACTOR', 'error_response', 'json_body_route', 'create_app',
-           'openapi_document', 'RunningServer', 'start_server', 'run_node']
+           'openapi_document', 'RunningServer', 'start_server', 'announce_line', 'run_node']
 
 # %% ../notebooks/05b_relay.ipynb #d40e23ee
 HTTP_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
@@ -238,8 +238,15 @@ def start_server(node: Node, host: str = "127.0.0.1", port: int = 0, *, threads:
     return RunningServer(node, server, thread, stop)
 
 
+def announce_line(node: Node, url: str) -> str:
+    "The first line a node prints: where it serves and who it is (scripts and tests parse it)."
+    named = "" if node.config.name == NodeConfig().name else f" {node.config.name!r}"
+    return (f"bubble-ref node{named} serving on {url} (server id {node.id[:16]}…, "
+            f"proof mode {node.config.proof_mode})")
+
+
 def run_node(node: Node, host: str, port: int, *, threads: int = 4, announce=print, app: Flask | None = None,
-             on_stop=None) -> None:
+             on_stop=None, data_dir=None) -> None:
     "Serve `node` in the foreground until SIGINT or SIGTERM, then shut down cleanly (`on_stop` runs first)."
     server = _create_waitress(node, host, port, threads, app)
 
@@ -249,8 +256,8 @@ def run_node(node: Node, host: str, port: int, *, threads: int = 4, announce=pri
     signal.signal(signal.SIGTERM, interrupt)
     stop = threading.Event()
     threading.Thread(target=_tick_every, args=(node, 60.0, stop), daemon=True).start()
-    announce(f"bubble-ref node {node.config.name!r} serving on http://{server.effective_host}:"
-             f"{server.effective_port} (server id {node.id[:16]}…, proof mode {node.config.proof_mode})")
+    announce(announce_line(node, f"http://{server.effective_host}:{server.effective_port}"))
+    announce(f"  data: {data_dir or '(in memory)'} (server key and mailbox); stop with Ctrl-C or SIGTERM")
     try:
         server.run()
     except KeyboardInterrupt:
