@@ -15,12 +15,12 @@ from importlib import resources
 from typing import Any, Callable, ClassVar
 
 # %% auto #0
-__all__ = ['Clock', 'FORMATS', 'FORMAT_NAMES', 'SCHEMA_BASE', 'MAX_PACKET_BYTES', 'PACKET_TYPES', 'PacketError', 'system_clock',
-           'format_timestamp', 'parse_timestamp', 'is_base64', 'format_checker', 'load_schema', 'validator_for',
-           'compile_schema', 'compiled_validator_for', 'describe_rule', 'check_compiled', 'validate_dict', 'parse_json',
-           'Packet', 'ClientMessagePacket', 'InnerMessage', 'EncryptedSignature', 'RetrievalPacket',
-           'MisbehaviorReport', 'QuorumDecision', 'ServerListRequest', 'ServerListResponse', 'SignedContent',
-           'SignedMessage']
+__all__ = ['Clock', 'FORMATS', 'FORMAT_NAMES', 'SCHEMA_BASE', 'MAX_PACKET_BYTES', 'PACKET_TYPES', 'SERVER_MESSAGE_TYPES',
+           'PacketError', 'system_clock', 'format_timestamp', 'parse_timestamp', 'is_base64', 'format_checker',
+           'load_schema', 'inline_common', 'validator_for', 'compile_schema', 'compiled_validator_for', 'describe_rule',
+           'check_compiled', 'validate_dict', 'parse_json', 'Packet', 'ClientMessagePacket', 'InnerMessage',
+           'EncryptedSignature', 'RetrievalPacket', 'MisbehaviorReport', 'QuorumDecision', 'ServerListRequest',
+           'ServerListResponse', 'SignedContent', 'SignedMessage', 'Relay', 'SyncRequest', 'VoteRequest', 'Vote']
 
 # %% ../notebooks/01_packets.ipynb #bfbc92af
 class PacketError(ValueError):
@@ -135,7 +135,7 @@ def load_schema(name: str) -> dict:
     return json.loads(text)
 
 
-def _inline_common(node: Any) -> Any:
+def inline_common(node: Any) -> Any:
     # Replace each {"$ref": "common.json#/$defs/NAME"} by the definition itself. The files keep
     # their $refs (they are the published contract); the validator gets them resolved once,
     # because resolving references on every packet was most of the validation time.
@@ -144,9 +144,9 @@ def _inline_common(node: Any) -> Any:
         if ref.startswith("common.json#/$defs/"):
             inlined = dict(load_schema("common")["$defs"][ref.rsplit("/", 1)[1]])
             return {**inlined, **{k: v for k, v in node.items() if k != "$ref"}}
-        return {k: _inline_common(v) for k, v in node.items()}
+        return {k: inline_common(v) for k, v in node.items()}
     if isinstance(node, list):
-        return [_inline_common(v) for v in node]
+        return [inline_common(v) for v in node]
     return node
 
 
@@ -156,7 +156,7 @@ def validator_for(name: str):
     import jsonschema
 
     jsonschema.Draft202012Validator.check_schema(load_schema(name))
-    schema = _inline_common(load_schema(name))
+    schema = inline_common(load_schema(name))
     return jsonschema.Draft202012Validator(schema, format_checker=format_checker())
 
 # %% ../notebooks/01_packets.ipynb #4efe4e97
@@ -197,7 +197,7 @@ def compile_schema(schema: dict, label: str) -> Callable[[Any], Any]:
 @lru_cache(maxsize=None)
 def compiled_validator_for(name: str) -> Callable[[Any], Any]:
     "The packet schema `name` compiled (checked to mean the same as the draft 2020-12 reference)."
-    return compile_schema(_inline_common(load_schema(name)), name)
+    return compile_schema(inline_common(load_schema(name)), name)
 
 # %% ../notebooks/01_packets.ipynb #c3c47dec
 _JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", type(None): "null", dict: "object",
@@ -501,3 +501,55 @@ class SignedMessage(Packet):
 PACKET_TYPES: tuple[type[Packet], ...] = (
     ClientMessagePacket, InnerMessage, EncryptedSignature, RetrievalPacket, MisbehaviorReport,
     QuorumDecision, ServerListRequest, ServerListResponse, SignedMessage)
+
+# %% ../notebooks/01_packets.ipynb #277f5b8e
+@dataclass(frozen=True)
+class Relay(Packet):
+    "POST /relay: one client packet, passed from server to server, signed by the sending server."
+    packet: dict
+    packet_id: str
+    expires_at: str
+    hops: int
+    sender_id: str
+    sent_at: str
+    signature: str | None = None  # None only while it is being built, before signing
+    type: str = "relay"
+    schema: ClassVar[str] = "relay"
+
+
+@dataclass(frozen=True)
+class SyncRequest(Packet):
+    "POST /sync: a peer asks for the packets stored after its cursor `since` (anti-entropy)."
+    since: str
+    sender_id: str
+    sent_at: str
+    signature: str | None = None
+    type: str = "sync_request"
+    schema: ClassVar[str] = "sync_request"
+
+
+@dataclass(frozen=True)
+class VoteRequest(Packet):
+    "POST /votes: a server asks another for its vote on `proposal` about `reported_server_id`."
+    reported_server_id: str
+    proposal: str
+    sender_id: str
+    sent_at: str
+    signature: str | None = None
+    type: str = "vote_request"
+    schema: ClassVar[str] = "vote_request"
+
+
+@dataclass(frozen=True)
+class Vote(Packet):
+    "One server's signed opinion of another: blacklist, whitelist or abstain."
+    voter_id: str
+    reported_server_id: str
+    vote: str
+    timestamp: str
+    signature: str | None = None
+    type: str = "vote"
+    schema: ClassVar[str] = "vote"
+
+
+SERVER_MESSAGE_TYPES: tuple[type[Packet], ...] = (Relay, SyncRequest, VoteRequest, Vote)
