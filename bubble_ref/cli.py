@@ -20,7 +20,7 @@ from .packets import MAX_PACKET_BYTES
 
 # %% auto #0
 __all__ = ['DEMO_NODES', 'DEFAULT_DATA_DIR', 'run_demo', 'run_node_command', 'wait_until_answering', 'run_mesh_command',
-           'build_parser', 'main']
+           'build_parser', 'run_sim_command', 'main']
 
 # %% ../notebooks/90_cli.ipynb #4dbb191c
 def _short(text: str, keep: int = 20) -> str:
@@ -143,35 +143,36 @@ def run_node_command(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("bubble_ref.cli")
     log.info("starting: loading the node's modules (data directory %s)", args.data_dir)
+    import random
+
+    from bubble_ref.ballot import open_monitored_node
+    from bubble_ref.ledger import MonitorConfig
     from bubble_ref.mesh import MeshConfig
     from bubble_ref.node import NodeConfig
-    from bubble_ref.relay import create_app, run_node
-    from bubble_ref.reputation import MonitorConfig, MonitoredNode
+    from bubble_ref.packets import system_clock
+    from bubble_ref.relay import run_node
 
     try:
         config = NodeConfig(name=args.name, proof_mode=args.proof_mode, max_packet_bytes=args.max_packet_bytes,
                             page_size=args.page_size, synchronous=args.synchronous.upper())
-        mesh = MeshConfig(retry_max=timedelta(seconds=args.retry_max),
-                          sync_interval=timedelta(seconds=args.sync_interval), discover=args.discover)
+        mesh = MeshConfig(retry_max=timedelta(seconds=args.retry_max), sync_interval=timedelta(seconds=args.sync_interval),
+                          directory_interval=timedelta(seconds=args.directory_interval), discover=args.discover)
         if args.audit_deadline >= args.sync_interval:
             raise ValueError(f"--audit-deadline ({args.audit_deadline} s) must be shorter than --sync-interval "
                              f"({args.sync_interval} s), or anti-entropy carries audit packets around a dropper")
         monitor = MonitorConfig(audit_interval=timedelta(seconds=args.audit_interval) if args.audit_interval > 0
-                                else None, audit_deadline=timedelta(seconds=args.audit_deadline),
-                                directory_interval=timedelta(seconds=args.directory_interval))
+                                else None, audit_deadline=timedelta(seconds=args.audit_deadline))
         log.info("starting: opening the server key and the mailbox in %s", args.data_dir)
-        node = MonitoredNode.open(args.data_dir, peers=tuple(args.peer), config=config, mesh=mesh,
-                                  behaviour=args.behaviour, monitor=monitor)
+        node = open_monitored_node(args.data_dir, peers=tuple(args.peer), clock=system_clock,
+                                   rng=random.Random(), config=config, mesh=mesh, monitor=monitor,
+                                   behaviour=args.behaviour)
     except (ValueError, OSError) as e:
         print(f"bubble-ref node: {e}", file=sys.stderr)
         return 2
     node.url = args.public_url or (f"http://{args.host}:{args.port}" if args.port and args.host not in ("0.0.0.0", "::")
                                    else None)
-    app = create_app(node)
-    node.add_routes(app)  # mesh and monitoring routes
-    workers = node.start_workers()
     run_node(node, args.host, args.port, threads=args.threads, announce=lambda text: print(text, flush=True),
-             app=app, on_stop=workers.halt, data_dir=args.data_dir)
+             data_dir=args.data_dir)
     return 0
 
 # %% ../notebooks/90_cli.ipynb #fe85a4a8
@@ -301,8 +302,9 @@ def _stop_processes(processes: list, timeout: float = 30.0) -> None:
             p.kill()
             p.wait()
 
-# %% ../notebooks/90_cli.ipynb #a8e95805
+# %% ../notebooks/90_cli.ipynb #3e5364bd
 def build_parser() -> argparse.ArgumentParser:
+    "The `bubble-ref` command and its subcommands (each subcommand's options are added by a function below)."
     parser = argparse.ArgumentParser(
         prog="bubble-ref", description="Purple Bubble reference implementation: tools and a demo.")
     parser.add_argument("--version", action="version", version=f"bubble-ref {__version__}")
@@ -312,10 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "pick TX and RX servers by load; Alice's sealed message is flooded hop by "
                                     "hop and Bob opens it; a forged signature is refused; the nodes are "
                                     "stopped. Uses only 127.0.0.1.")
+    _add_node_parser(commands)
+    _add_mesh_parser(commands)
+    _add_sim_parser(commands)
+    _add_bench_parser(commands)
+    return parser
+
+# %% ../notebooks/90_cli.ipynb #d2c38d95
+def _add_node_parser(commands) -> None:
     node = commands.add_parser("node", help="run a relay node (waitress + SQLite) until Ctrl-C or SIGTERM",
                                description="Serve the relay API (POST/GET /messages, GET /status, "
-                                           "GET /openapi.json) with waitress. The data directory holds the "
-                                           "server key (created on first start) and the SQLite mailbox.")
+                                           "GET /openapi.json), the mesh and monitoring with waitress. The data "
+                                           "directory holds the server key (created on first start) and the "
+                                           "SQLite mailbox.")
     node.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default: 127.0.0.1; use 0.0.0.0 to accept other machines)")
     node.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free port)")
@@ -335,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "at an fsync per message (default: normal)")
     node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                       help="log verbosity; INFO logs one line per request (default: INFO)")
+    _add_mesh_options(node)
+    _add_monitor_options(node)
+
+
+def _add_mesh_options(node) -> None:
     node.add_argument("--peer", action="append", default=[], metavar="URL",
                       help="another node to exchange packets with (repeatable); links must be listed on both "
                            "sides, e.g. --peer http://127.0.0.1:8001")
@@ -343,20 +359,26 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--sync-interval", type=float, default=10.0, metavar="SECONDS",
                       help="how often to reconcile packets with a random peer (anti-entropy; default: 10)")
     node.add_argument("--discover", action="store_true",
-                      help="also peer with the servers that peers' server lists name (every --sync-interval)")
+                      help="also peer with the servers that peers' server lists name")
     node.add_argument("--public-url", default=None, metavar="URL",
                       help="the URL other servers reach this node at, listed in its server list "
                            "(default: http://HOST:PORT when both are explicit)")
+    node.add_argument("--directory-interval", type=float, default=10.0, metavar="SECONDS",
+                      help="how often to ask known servers for their server lists (default: 10)")
+
+
+def _add_monitor_options(node) -> None:
     node.add_argument("--audit-interval", type=float, default=60.0, metavar="SECONDS",
                       help="mean time between two audits of another server (default: 60; 0 turns audits off)")
     node.add_argument("--audit-deadline", type=float, default=2.0, metavar="SECONDS",
                       help="how long an audited server has to relay the audit packet (default: 2; must be "
                            "shorter than --sync-interval)")
-    node.add_argument("--directory-interval", type=float, default=10.0, metavar="SECONDS",
-                      help="how often to ask known servers for their server lists (default: 10)")
     node.add_argument("--behaviour", choices=["honest", "drop", "selective"], default="honest",
                       help="misbehave on purpose, for experiments and workshops: 'drop' relays nothing, "
                            "'selective' relays nothing for half of all recipients (default: honest)")
+
+# %% ../notebooks/90_cli.ipynb #c6aba9a2
+def _add_mesh_parser(commands) -> None:
     mesh = commands.add_parser("mesh", help="start N local nodes joined as a line, a ring or a random graph",
                                description="Start N bubble-ref nodes on loopback, each with its own data "
                                            "directory and log, linked as the topology says; print their URLs "
@@ -373,6 +395,26 @@ def build_parser() -> argparse.ArgumentParser:
                            "temporary folder, removed when the mesh stops)")
     mesh.add_argument("--start-timeout", type=float, default=300.0, metavar="SECONDS",
                       help="how long to wait for every node to answer /status (default: 300)")
+
+
+def _add_sim_parser(commands) -> None:
+    sim = commands.add_parser("sim", help="the simulator: run the real node classes on a simulated network",
+                              description="Deterministic simulation of real nodes (notebooks 06b and 09d).")
+    tools = sim.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    swarm = tools.add_parser("swarm", help="random meshes, traffic, faults and misbehaviour, checked for invariants",
+                             description="Run the swarm tester: each seed draws a mesh of 5-9 full nodes, client "
+                                         "traffic, faults (loss, crashes, partitions, slow hosts) and misbehaviour "
+                                         "(droppers, colluders), runs it on the real node classes, and checks the "
+                                         "invariants. A violation prints its seed; --seed S replays exactly that run.")
+    swarm.add_argument("--seeds", type=int, default=20, help="how many seeds to run (default: 20)")
+    swarm.add_argument("--first", type=int, default=0, help="the first seed (default: 0)")
+    swarm.add_argument("--seed", type=int, default=None, help="run this one seed only, and describe it")
+    swarm.add_argument("--trace", action="store_true", help="with --seed: print every event of the run")
+    swarm.add_argument("--diagram", default=None, metavar="PNG",
+                       help="with --seed: draw the requests of the run's last simulated minute as a sequence diagram")
+
+# %% ../notebooks/90_cli.ipynb #f8ea1c8f
+def _add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks, printed as ratios against a baseline measured in the same run")
     targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
     crypto = targets.add_parser("crypto", help="seal and open rate against the RSA-2048 bound",
@@ -398,25 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
     store_bench.add_argument("--recipients", type=int, default=10_000, help="recipients (default: 10000)")
     store_bench.add_argument("--fetches", type=int, default=1000, help="fetches to time (default: 1000)")
     store_bench.add_argument("--dir", default=None, help="where to put the temporary database (default: system temp)")
-    mesh_bench = targets.add_parser("mesh", help="broadcast strategies in the simulator; a real 5-node line",
-                                    description="Simulate 25 nodes with 100 ms links and compare flooding, gossip "
-                                                "and plumtree (messages per broadcast, median/max latency, "
-                                                "delivery; clean, one dropping node, 10% loss); then time "
-                                                "POST-to-retrievable across a real line of node processes.")
-    mesh_bench.add_argument("--broadcasts", type=int, default=100, help="simulated broadcasts (default: 100)")
+    mesh_bench = targets.add_parser("mesh", help="flooding on the real classes, simulated and live; the models beside",
+                                    description="Flood packets through N real nodes in the simulator (clean, one "
+                                                "silent dropper, 10% loss): payload sends per message per node, "
+                                                "delivery and latency; then POST-to-retrievable across a real line "
+                                                "of node processes; and, labelled as models, the strategy lab.")
+    mesh_bench.add_argument("--nodes", type=int, default=25, help="simulated real nodes (default: 25)")
+    mesh_bench.add_argument("--broadcasts", type=int, default=20, help="packets per simulated condition (default: 20)")
     mesh_bench.add_argument("--live-messages", type=int, default=50, help="packets sent along the real line (default: 50)")
     mesh_bench.add_argument("--live-nodes", type=int, default=5, help="nodes in the real line (default: 5)")
     monitoring_bench = targets.add_parser(
-        "monitoring", help="audit rounds until droppers are blacklisted; wrong blacklistings; colluders",
-        description="Simulate monitoring on seeded 25-node networks: rounds until a silent and a selective dropper "
-                    "are blacklisted, honest nodes wrongly blacklisted, and whether 12 colluders can blacklist an "
-                    "honest node.")
-    monitoring_bench.add_argument("--seeds", type=int, default=20, help="simulated networks (default: 20)")
-    monitoring_bench.add_argument("--rounds", type=int, default=8, help="audit rounds per network (default: 8)")
-    monitoring_bench.add_argument("--loss", type=float, default=0.1, help="link loss rate (default: 0.1)")
-    return parser
+        "monitoring", help="seconds until droppers are blacklisted; wrong blacklistings; colluders (real classes)",
+        description="Run monitoring on seeded simulated meshes of real nodes: time until a silent and a selective "
+                    "dropper are blacklisted by every honest node, honest nodes wrongly blacklisted, and whether "
+                    "a colluding minority can blacklist an honest node.")
+    monitoring_bench.add_argument("--seeds", type=int, default=5, help="simulated meshes per experiment (default: 5)")
+    monitoring_bench.add_argument("--nodes", type=int, default=15, help="nodes per mesh (default: 15)")
+    monitoring_bench.add_argument("--loss", type=float, default=0.1, help="request and answer loss rate (default: 0.1)")
 
-# %% ../notebooks/90_cli.ipynb #bb7ba362
+# %% ../notebooks/90_cli.ipynb #b7a5e5f8
 def _run_bench(args: argparse.Namespace) -> str:
     "Run one `bubble-ref bench TARGET` and return what it prints (each target imports only what it needs)."
     from bubble_ref import bench
@@ -428,10 +470,36 @@ def _run_bench(args: argparse.Namespace) -> str:
     if args.target == "store":
         return bench.format_store_bench(bench.bench_store(args.packets, args.recipients, args.fetches, args.dir))
     if args.target == "mesh":
-        return bench.format_mesh_bench(bench.bench_mesh(args.broadcasts, args.live_messages, args.live_nodes))
-    from bubble_ref.reputation import bench_monitoring
+        return bench.format_mesh_bench(bench.bench_mesh(args.nodes, args.broadcasts, args.live_messages,
+                                                        args.live_nodes))
+    return bench.format_monitoring_bench(bench.bench_monitoring(args.seeds, args.nodes, args.loss))
 
-    return bench.format_monitoring_bench(bench_monitoring(args.seeds, rounds=args.rounds, loss=args.loss))
+
+def run_sim_command(args: argparse.Namespace) -> int:
+    "`bubble-ref sim swarm`: many seeds and a summary, or one seed described (and traced)."
+    from bubble_ref import swarm
+
+    if args.seed is None:
+        report = swarm.swarm(range(args.first, args.first + args.seeds))
+        print(swarm.format_swarm(report))
+        return 1 if report.violations else 0
+    run = swarm.run_scenario(swarm.make_scenario(args.seed), trace=bool(args.trace or args.diagram))
+    print(swarm.describe_run(run))
+    if args.trace:
+        for e in run.trace:
+            print(f"{e.at:10.3f}  {e.kind:8} {e.src:>6} -> {e.dst:<6} {e.what}" + (f"  {e.status}" if e.status else ""))
+    if args.diagram:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from bubble_ref.sim import draw_sequence
+
+        last = max(e.at for e in run.trace)
+        ax = draw_sequence([e for e in run.trace if e.at >= last - 60][:80], list(run.scenario.names),
+                           f"seed {args.seed}: the last simulated minute")
+        ax.figure.savefig(args.diagram, dpi=100, bbox_inches="tight")
+        print(f"sequence diagram written to {args.diagram}")
+    return 1 if run.violations else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -443,6 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_node_command(args)
     if args.command == "mesh":
         return run_mesh_command(args)
+    if args.command == "sim":
+        return run_sim_command(args)
     if args.command == "bench":
         try:
             print(_run_bench(args))
