@@ -68,7 +68,7 @@ def free_port() -> int:
 
 
 def processes_mentioning(text: str) -> list[int]:
-    "Pids whose command line contains `text` (used with our private, unique runtime dir: only our own kernels)."
+    "Pids whose command line contains `text` (used with our private, unique home: only what our JupyterLab started)."
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -147,8 +147,10 @@ class JupyterLabServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=STOP_TIMEOUT)
-        deadline = time.monotonic() + STOP_TIMEOUT  # kernels run in their own sessions; they name our runtime dir
-        while (left := processes_mentioning(str(self.runtime_dir))) and time.monotonic() < deadline:
+        # Kernels run in sessions of their own, and so do the notebooks' folder watchers; all of them name a
+        # path under our private home (the kernel's connection file, the watched folder).
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while (left := processes_mentioning(str(self.home))) and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in left:
             try:
