@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from labharness import CHROMIUM, CHROMIUM_ARGS, JupyterLabServer, Lab, require_browser_tools
+from .labharness import CHROMIUM, CHROMIUM_ARGS, JupyterLabServer, Lab, require_browser_tools
 
 
 @pytest.fixture(scope="session")

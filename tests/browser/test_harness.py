@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-import labharness
+from . import labharness
 
 
 @pytest.mark.parametrize("missing, hint", [("chromium", "apt-get install chromium"),
