@@ -147,6 +147,7 @@ class Client:
         self.tx: str | None = None
         self.rx: str | None = None
         self.rejected = 0  # packets that failed to open or verify
+        self.dispatch = None  # if set, `send` hands packets to it instead of posting them (cover traffic, 07b)
         for url in default_servers:
             try:
                 self.learn(url)
@@ -272,8 +273,8 @@ class Client:
         copy_bucket = len(base64.b64decode(copy.message)) - BOX_OVERHEAD  # the message goes in the same bucket
         packet = seal(self.identity, recipient, content, clock=self.clock, message_uuid=message_uuid,
                       min_padded=copy_bucket)
-        self._post(packet.to_dict())
-        self._post(copy.to_dict())
+        for outgoing in (packet.to_dict(), copy.to_dict()):
+            (self.dispatch or self._post)(outgoing)  # with cover traffic on, both wait for a slot of its schedule
         entry = HistoryEntry(message_uuid, "out", recipient.b64, content, format_timestamp(self.clock()))
         self._record(entry)
         return entry

@@ -8,7 +8,10 @@ from bubble_ref.anonymity import ForwardProxy, RequestLog
 from bubble_ref.client import Client, Transport
 from bubble_ref.crypto import Identity
 from bubble_ref.mesh import start_local_mesh
-from bubble_ref.node import Node
+import random
+
+from bubble_ref.node import open_relay_node
+from bubble_ref.packets import system_clock
 from bubble_ref.relay import start_server
 
 
@@ -30,10 +33,9 @@ def proxy():
 
 @pytest.fixture
 def node(tmp_path):
-    running = start_server(Node.open(tmp_path / "node"))
+    running = start_server(open_relay_node(tmp_path / "node", clock=system_clock, rng=random.Random()))
     yield running
     running.stop()
-    running.node.close()
 
 
 def through(proxy_url):
@@ -115,15 +117,17 @@ def test_fake_and_real_posts_have_identical_sizes_and_fakes_never_reach_a_histor
     for c in (alice, bob):
         c.refresh_load()
         c.choose()
-    cover = CoverTraffic(alice, rate_per_minute=60, rng=random.Random(1), get_share=0.0)
+    cover = CoverTraffic(alice, rate_per_minute=60, rng=random.Random(1), get_rate_per_minute=0)
+    alice.dispatch = cover.enqueue  # what start() does, without the background thread
     real_contents = ["", "short", "x" * 900]  # empty, short, and long enough to need the 2 KiB bucket
     for text in real_contents:
         alice.send(bob.identity.public, text)
-        cover.step()
-        cover.step()
+        assert [p["recipient"] for p in cover.waiting] == [bob.identity.public.b64, alice.identity.public.b64]
+        assert cover.slot("post") == "real" and cover.slot("post") == "real"  # the message, then its self-copy
+        assert cover.slot("post") == "post"  # nothing waiting: a fake
     sizes = {size for _, method, size in tap.seen if method == "POST"}
-    assert cover.sent == {"post": 6, "get": 0} and len(sizes) == 1
-    deadline = time.monotonic() + 15
+    assert cover.sent == {"post": 3, "get": 0, "real": 6} and len(sizes) == 1
+    deadline = time.monotonic() + 30
     while len(bob.history()) < 3:
         assert time.monotonic() < deadline
         bob.poll()
@@ -137,24 +141,85 @@ def test_fake_and_real_posts_have_identical_sizes_and_fakes_never_reach_a_histor
     bob.close()
 
 
-def test_cover_traffic_runs_in_the_background_at_a_poisson_rate(tmp_path, pair_of_nodes):
+def test_periodic_and_poisson_schedules_and_their_streams():
     import random
     import statistics
 
     from bubble_ref.anonymity import CoverTraffic
 
+    class Idle:  # slots are only computed here: no client is needed
+        dispatch = None
+
+    periodic = CoverTraffic(Idle(), rate_per_minute=120, get_rate_per_minute=30, rng=random.Random(1))
+    slots = [periodic.next_slot() for _ in range(200)]
+    posts = [t for t, kind in slots if kind == "post"]
+    gets = [t for t, kind in slots if kind == "get"]
+    assert {round(b - a, 9) for a, b in zip(posts, posts[1:])} == {0.5}  # every post gap is the period
+    assert {round(b - a, 9) for a, b in zip(gets, gets[1:])} == {2.0}
+    assert 0 <= posts[0] < 0.5 and 0 <= gets[0] < 2.0  # random phases
+    poisson = CoverTraffic(Idle(), rate_per_minute=1200, get_rate_per_minute=0, schedule="poisson",
+                           rng=random.Random(3))
+    times = [poisson.next_slot()[0] for _ in range(3000)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert statistics.mean(gaps) == pytest.approx(60 / 1200, rel=0.1)  # mean gap = 1 / rate
+    assert statistics.stdev(gaps) == pytest.approx(statistics.mean(gaps), rel=0.15)  # exponential: sd = mean
+    for bad in (dict(rate_per_minute=0), dict(rate_per_minute=10, schedule="bursty"),
+                dict(rate_per_minute=10, get_rate_per_minute=-1)):
+        with pytest.raises(ValueError):
+            CoverTraffic(Idle(), **bad)
+
+
+def test_cover_traffic_in_the_background_takes_over_sending_and_flushes_on_stop(tmp_path, pair_of_nodes):
+    import random
+
+    from bubble_ref.anonymity import CoverTraffic
+
     alice = Client(Identity.generate(), tmp_path / "alice2", default_servers=tuple(pair_of_nodes))
-    cover = CoverTraffic(alice, rate_per_minute=1200, rng=random.Random(3))
-    delays = [cover.next_delay() for _ in range(2000)]
-    assert statistics.mean(delays) == pytest.approx(60 / 1200, rel=0.1)  # mean gap = 1 / rate
-    assert statistics.stdev(delays) == pytest.approx(statistics.mean(delays), rel=0.15)  # exponential: sd = mean
-    cover.start()
-    deadline = time.monotonic() + 15
-    while sum(cover.sent.values()) < 5:
+    bob = Client(Identity.generate(), tmp_path / "bob2", default_servers=tuple(pair_of_nodes))
+    for c in (alice, bob):
+        c.refresh_load()
+        c.choose()
+    cover = CoverTraffic(alice, rate_per_minute=600, rng=random.Random(3)).start()
+    try:
+        assert alice.dispatch == cover.enqueue
+        alice.send(bob.identity.public, "through the schedule")
+        deadline = time.monotonic() + 30
+        while cover.sent["real"] < 2 or cover.sent["post"] < 3:
+            assert time.monotonic() < deadline, cover.sent
+            time.sleep(0.05)
+    finally:
+        cover.stop()
+    assert alice.dispatch is None
+    alice.send(bob.identity.public, "after stop: sent at once")
+    deadline = time.monotonic() + 30
+    while len(bob.history()) < 2:
         assert time.monotonic() < deadline
+        bob.poll()
         time.sleep(0.05)
-    cover.stop()
-    assert cover.sent["post"] + cover.sent["get"] >= 5 and alice.history() == []
-    with pytest.raises(ValueError):
-        CoverTraffic(alice, rate_per_minute=0)
+    assert [m.content for m in bob.history()] == ["through the schedule", "after stop: sent at once"]
     alice.close()
+    bob.close()
+
+
+def test_an_observer_tells_real_from_fake_posts_unless_they_share_a_periodic_schedule(tmp_path, pair_of_nodes):
+    import random
+
+    from bubble_ref.anonymity import CoverTraffic, WireTap, auc, observe, observer_auc
+
+    assert auc([2, 3], [1]) == 1.0 and auc([1], [1]) == 0.5 and auc([0], [1, 2]) == 0.0
+    alice = Client(Identity.generate(), tmp_path / "alice3", default_servers=tuple(pair_of_nodes), tx=WireTap())
+    bob = Client(Identity.generate(), tmp_path / "bob3", default_servers=tuple(pair_of_nodes))
+    alice.refresh_load()
+    alice.choose()
+    moments = sorted(random.Random(5).uniform(0, 240) for _ in range(12))
+    found = {}
+    for name, schedule, at_once in (("at once", "poisson", True), ("periodic", "periodic", False)):
+        cover = CoverTraffic(alice, rate_per_minute=30, get_rate_per_minute=0, schedule=schedule,
+                             rng=random.Random(6))
+        line = observe(cover, bob.identity.public, moments, 240.0, at_once=at_once)
+        assert sum(kind == "real" for _, kind in line) == 24  # every message and its self-copy went out
+        found[name] = max(observer_auc(line).values())
+    assert found["at once"] > 0.9, found
+    assert found["periodic"] <= 0.55, found
+    alice.close()
+    bob.close()
