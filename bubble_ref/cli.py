@@ -162,6 +162,14 @@ def run_node_command(args: argparse.Namespace) -> int:
                                    else None)
     app = create_app(node)
     node.add_routes(app)  # mesh and monitoring routes
+    if args.turn_url:  # voice calls (notebook 11b): short-lived TURN credentials at GET /turn-credentials
+        from bubble_ref.calls import add_turn_routes, load_turn_config
+        try:
+            add_turn_routes(app, node, load_turn_config(args.turn_url, args.turn_secret_file, args.turn_cert))
+        except (ValueError, OSError) as e:
+            node.close()
+            print(f"bubble-ref node: {e}", file=sys.stderr)
+            return 2
     workers = node.start_workers()
     run_node(node, args.host, args.port, threads=args.threads, announce=lambda text: print(text, flush=True),
              app=app, on_stop=workers.halt)
@@ -285,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--behaviour", choices=["honest", "drop", "selective"], default="honest",
                       help="misbehave on purpose, for experiments and workshops: 'drop' relays nothing, "
                            "'selective' relays nothing for half of all recipients (default: honest)")
+    node.add_argument("--turn-url", action="append", default=[], metavar="URL",
+                      help="a TURN server for voice calls, e.g. turns:127.0.0.1:5349?transport=tcp; clients that prove "
+                           "their key get short-lived credentials for it at GET /turn-credentials (repeatable)")
+    node.add_argument("--turn-secret-file", type=Path, metavar="FILE",
+                      help="the secret shared with the TURN server (coturn's static-auth-secret); needed with --turn-url")
+    node.add_argument("--turn-cert", type=Path, metavar="PEM", help="the TURN server's certificate, handed to clients to pin")
     mesh = commands.add_parser("mesh", help="start N local nodes joined as a line, a ring or a random graph",
                                description="Start N bubble-ref nodes on loopback, each with its own data "
                                            "directory and log, linked as the topology says; print their URLs "
@@ -338,6 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     monitoring_bench.add_argument("--seeds", type=int, default=20, help="simulated networks (default: 20)")
     monitoring_bench.add_argument("--rounds", type=int, default=8, help="audit rounds per network (default: 8)")
     monitoring_bench.add_argument("--loss", type=float, default=0.1, help="link loss rate (default: 0.1)")
+    stun = commands.add_parser("stun", help="a STUN server over UDP, and over TLS (encrypted STUN)",
+                               description="Answer STUN Binding requests over UDP and, with --tls-port, over TLS. "
+                                           "Without --cert a self-signed certificate is made at start and its "
+                                           "fingerprint printed, for clients to pin (notebook 11a).")
+    stun.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    stun.add_argument("--port", type=int, default=3478, help="UDP port (default: 3478; 0 picks a free port)")
+    stun.add_argument("--tls-port", type=int, default=None, help="TLS port, e.g. 5349 (default: no TLS)")
+    stun.add_argument("--cert", default=None, help="PEM certificate for TLS (default: self-signed, made at start)")
+    stun.add_argument("--key", default=None, help="PEM private key of --cert")
+    calls_bench = targets.add_parser(
+        "calls", help="voice calls over a live mesh and coturn: invite to connected, audio frames lost",
+        description="Place N audio calls between two clients over a live 3-node mesh (signalling) and coturn over "
+                    "TLS (media); report invite-to-connected and offer-to-connected times (p50/p95), the time "
+                    "spent in mesh polling, and audio frames lost (notebook 11b). Needs turnserver (coturn).")
+    calls_bench.add_argument("-n", "--calls", type=int, default=20, help="calls to place (default: 20)")
+    calls_bench.add_argument("--mode", choices=["relay", "direct"], default="relay",
+                             help="relay: through TURN over TLS; direct: host candidates (default: relay)")
     return parser
 
 
@@ -350,6 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_node_command(args)
     if args.command == "mesh":
         return run_mesh_command(args)
+    if args.command == "stun":
+        from bubble_ref.stun import run_stun_command
+        return run_stun_command(args)
+    if args.command == "bench" and args.target == "calls":
+        from bubble_ref.calls import run_calls_bench
+        return run_calls_bench(args)
     if args.command == "bench":
         runs = {"crypto": lambda: format_crypto_bench(bench_crypto(args.count, args.size, args.rounds)),
                 "node": lambda: format_node_bench(bench_node(args.count, args.clients, args.threads,
