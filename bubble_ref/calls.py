@@ -8,14 +8,12 @@ import base64
 import contextvars
 import hashlib
 import hmac
-import ipaddress
 import json
 import re
 import secrets
 import shutil
 import socket
 import ssl
-import statistics
 import subprocess
 import tempfile
 import threading
@@ -36,10 +34,9 @@ from .stun import Certificate, binding_over_tls, make_certificate
 
 
 def patch_method(cls):
-    "Attach the decorated function to `cls` as a method, so a class can be built over several cells (like fastcore's @patch)."
-    def attach(function):
+    "Make the decorated function a method of `cls`, so a class can be built over several cells (as fastcore's @patch)."
+    def attach(function) -> None:
         setattr(cls, function.__name__, function)
-        return function
     return attach
 
 # %% auto #0
@@ -448,7 +445,7 @@ def load_turn_config(uris, secret_file, certificate_file=None) -> TurnConfig:
         x509.load_pem_x509_certificate(certificate.encode("ascii"))  # refuse anything that is not a certificate
     return TurnConfig(tuple(uris), secret, certificate_pem=certificate)
 
-
+# %% ../notebooks/11b_calls.ipynb #1bcf3b0d
 class CredentialLimiter:
     "At most `per_minute` credentials per key in any minute of the injected clock (bounded memory)."
 
@@ -488,7 +485,7 @@ def prove_key(node, packet: RetrievalPacket):
     except ProofRejected as e:
         raise NodeError(401, "bad_proof", str(e)) from None
 
-
+# %% ../notebooks/11b_calls.ipynb #4989576c
 def issue_turn_credentials(node, turn: TurnConfig, limiter: CredentialLimiter, body: bytes | str, *,
                            new_user: Callable[[], str] = lambda: secrets.token_hex(8)) -> dict:
     "The answer to GET /turn-credentials: prove your key, get short-lived TURN credentials."
@@ -532,7 +529,7 @@ def with_turn_routes(node_class: type, turn: TurnConfig) -> type:
     TurnNode.__name__ = TurnNode.__qualname__ = f"Turn{node_class.__name__}"
     return TurnNode
 
-
+# %% ../notebooks/11b_calls.ipynb #07d02d5d
 def fetch_turn_credentials(client: Client) -> dict:
     "Ask my RX server for TURN credentials, proving my key as when fetching mail."
     if client.rx is None:
@@ -575,7 +572,7 @@ def find_turnserver() -> str | None:
     return shutil.which("turnserver") or next((p for p in ("/usr/bin/turnserver", "/usr/sbin/turnserver")
                                                 if Path(p).exists()), None)
 
-
+# %% ../notebooks/11b_calls.ipynb #11831a57
 @dataclass
 class Coturn:
     "A coturn process on loopback, with the secret and certificate it was started with."
@@ -822,27 +819,33 @@ class MediaSession:
 
         await self.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
 
-    def audio(self):
-        "Everything heard so far, as one mono int16 array at `self.rate`."
-        import numpy as np
+# %% ../notebooks/11b_calls.ipynb #3faa5227
+@patch_method(MediaSession)
+def audio(self):
+    "Everything heard so far, as one mono int16 array at `self.rate`."
+    import numpy as np
 
-        return np.concatenate(self.heard) if self.heard else np.zeros(0, dtype=np.int16)
+    return np.concatenate(self.heard) if self.heard else np.zeros(0, dtype=np.int16)
 
-    async def rtp_counts(self) -> dict:
-        "RTP packets sent and received on this connection so far."
-        report = await self.pc.getStats()
-        counts = {"sent": 0, "received": 0}
-        for stats in report.values():
-            if stats.type == "outbound-rtp":
-                counts["sent"] += stats.packetsSent
-            elif stats.type == "inbound-rtp":
-                counts["received"] += stats.packetsReceived
-        return counts
 
-    async def close(self) -> None:
-        await self.pc.close()
-        if self._reader is not None:
-            self._reader.cancel()
+@patch_method(MediaSession)
+async def rtp_counts(self) -> dict:
+    "RTP packets sent and received on this connection so far."
+    report = await self.pc.getStats()
+    counts = {"sent": 0, "received": 0}
+    for stats in report.values():
+        if stats.type == "outbound-rtp":
+            counts["sent"] += stats.packetsSent
+        elif stats.type == "inbound-rtp":
+            counts["received"] += stats.packetsReceived
+    return counts
+
+
+@patch_method(MediaSession)
+async def close(self) -> None:
+    await self.pc.close()
+    if self._reader is not None:
+        self._reader.cancel()
 
 
 def sdp_candidates(sdp: str) -> list[tuple[str, str, int]]:
@@ -944,7 +947,7 @@ async def reject(self, call_id: str) -> None:
 async def hangup(self, call_id: str) -> None:
     await self._do(self.machine.hangup(call_id))
 
-
+# %% ../notebooks/11b_calls.ipynb #2472b6cf
 @patch_method(Phone)
 async def poll(self) -> int:
     "Fetch new messages and act on the call messages among them; how many messages arrived."
@@ -986,9 +989,11 @@ async def run(self, every: float = 0.02) -> None:
     while not self._stopping:
         try:
             await self.poll()
-        except ClientError as e:
+            await self._do(self.machine.tick())
+        except ClientError as e:  # the RX server is away: try again at the next round
             self.errors.append(f"poll: {e}")
-        await self._do(self.machine.tick())
+        except Exception as e:  # a bug must not stop the phone silently: keep it, and keep going
+            self.errors.append(f"{type(e).__name__}: {e}")
         await asyncio.sleep(every)
 
 
@@ -1049,7 +1054,7 @@ async def _send(self, action: Send) -> list:
     self._signal("sent", action.message, content)
     return []
 
-
+# %% ../notebooks/11b_calls.ipynb #3fc544e6
 @patch_method(Phone)
 def _prepare(self, call_id: str, mode: str) -> None:
     "Start the caller's media early: its TURN allocation is made while the callee decides (only the caller's)."
@@ -1232,7 +1237,7 @@ async def _bench_calls(calls: int, mode: str, audio_seconds: float, poll_every: 
                     process.kill()
             coturn.stop()
 
-
+# %% ../notebooks/11b_calls.ipynb #68e93014
 def _start_nodes(root: Path, coturn: Coturn, count: int = 3) -> list:
     "`bubble-ref node` processes, each linked to all others, handing out credentials for `coturn`."
     import sys
@@ -1266,7 +1271,7 @@ def _start_nodes(root: Path, coturn: Coturn, count: int = 3) -> list:
             raise CallError(f"the bench's nodes did not start; see {root}/node*.log")
         time.sleep(0.1)
 
-
+# %% ../notebooks/11b_calls.ipynb #29eb7d50
 async def _measure(phones: list, calls: int, mode: str, audio_seconds: float) -> dict:
     alice, bob = phones
     rows, sent, lost = [], [], []
@@ -1298,7 +1303,7 @@ async def _measure(phones: list, calls: int, mode: str, audio_seconds: float) ->
             **{key: _summary([r[key] for r in rows]) for key in rows[0]},
             "frames_lost": sum(lost), "frames_sent": sum(sent)}
 
-
+# %% ../notebooks/11b_calls.ipynb #395f5833
 def bench_calls(calls: int = 20, mode: str = "relay", audio_seconds: float = 1.0, poll_every: float = 0.02) -> dict:
     "The `bubble-ref bench calls` figures: `calls` audio calls over 3 node processes and coturn (TURN over TLS)."
     if calls < 1 or mode not in MODES or audio_seconds <= 0 or poll_every <= 0:

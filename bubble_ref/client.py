@@ -22,7 +22,7 @@ from .node import NodeError
 from .packets import Clock, ServerListRequest, format_timestamp, system_clock
 
 # %% auto #0
-__all__ = ['PROFILE_SCHEMA', 'SELF_COPY_KIND', 'CLIENT_MIN_PADDED', 'CONTROL_KIND_PREFIX', 'ClientError', 'NoServerAvailable',
+__all__ = ['PROFILE_SCHEMA', 'SELF_COPY_KIND', 'CLIENT_MIN_PADDED', 'CONTROL_KINDS', 'ClientError', 'NoServerAvailable',
            'ServerKeyWarning', 'Transport', 'ServerRecord', 'HistoryEntry', 'self_copy_content', 'read_self_copy',
            'is_control_content', 'Client']
 
@@ -133,18 +133,18 @@ def read_self_copy(content: str) -> dict | None:
     return None
 
 
-CONTROL_KIND_PREFIX = "bubble_ref/"  # content with such a kind is for the client (calls), never shown as text
+CONTROL_KINDS = ("bubble_ref/call",)  # contents of these kinds are for the client (calls), never shown as text
 
 
 def is_control_content(content: str) -> bool:
-    "True for content the client acts on instead of showing: a JSON object whose kind starts with 'bubble_ref/'."
-    if not content.startswith("{") or CONTROL_KIND_PREFIX not in content:
+    "True for content the client acts on instead of showing: a JSON object whose kind is in CONTROL_KINDS."
+    if not content.startswith("{") or not any(kind in content for kind in CONTROL_KINDS):
         return False
     try:
         data = json.loads(content)
     except ValueError:
         return False
-    return isinstance(data, dict) and isinstance(data.get("kind"), str) and data["kind"].startswith(CONTROL_KIND_PREFIX)
+    return isinstance(data, dict) and data.get("kind") in CONTROL_KINDS
 
 # %% ../notebooks/07_client.ipynb #1183759a
 class Client:

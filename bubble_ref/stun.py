@@ -345,8 +345,9 @@ async def read_stun_message(reader: asyncio.StreamReader, timeout: float = 30.0)
     return header + await asyncio.wait_for(reader.readexactly(length), timeout)
 
 
-async def _serve_stream(responder: StunResponder, reader, writer) -> None:
+async def _serve_stream(responder: StunResponder, open_streams: set, reader, writer) -> None:
     source = writer.get_extra_info("peername")[:2]
+    open_streams.add(writer)
     try:
         while True:
             answer = responder.respond(await read_stun_message(reader), source)
@@ -357,6 +358,7 @@ async def _serve_stream(responder: StunResponder, reader, writer) -> None:
     except (StunError, asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, ssl.SSLError):
         pass
     finally:
+        open_streams.discard(writer)
         writer.close()
 
 
@@ -369,11 +371,15 @@ class StunServer:
     certificate: Certificate | None
     _transport: asyncio.DatagramTransport = None
     _tls_server: asyncio.base_events.Server | None = None
+    _open_streams: set = field(default_factory=set)
 
     async def close(self) -> None:
+        "Stop listening and close every open TLS stream (a client idling on one must not hold the server up)."
         self._transport.close()
         if self._tls_server is not None:
             self._tls_server.close()
+            for writer in list(self._open_streams):
+                writer.close()
             await self._tls_server.wait_closed()
 
 
@@ -387,7 +393,8 @@ async def start_stun_server(host: str = "127.0.0.1", port: int = 0, *, tls_port:
     if tls_port is not None:
         server.certificate = certificate or make_certificate((host,))
         server._tls_server = await asyncio.start_server(
-            lambda r, w: _serve_stream(responder, r, w), host, tls_port, ssl=server.certificate.server_context(),
+            lambda r, w: _serve_stream(responder, server._open_streams, r, w), host, tls_port,
+            ssl=server.certificate.server_context(),
             ssl_handshake_timeout=10)
         server.tls = server._tls_server.sockets[0].getsockname()[:2]
     return server

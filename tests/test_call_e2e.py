@@ -138,3 +138,23 @@ def test_a_node_with_a_turn_url_but_no_usable_secret_refuses_to_start(tmp_path, 
     (tmp_path / "secret").write_text("0123456789abcdef0123")
     assert main(base[:-1] + ["stun:127.0.0.1:3478", "--turn-secret-file", str(tmp_path / "secret")]) == 2
     assert "turns:HOST:PORT" in capsys.readouterr().err
+
+
+def test_bench_calls_reports_every_figure(capsys, tmp_path, monkeypatch):
+    import tempfile
+
+    from bubble_ref import calls
+    from bubble_ref.cli import main
+
+    require_turnserver()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the bench's temporary folder goes under tmp_path
+    assert main(["bench", "calls", "-n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("bench calls: 2 relay calls over a mesh of 3 `bubble-ref node` processes and coturn")
+    for figure in ("invite → both connected", "of which in the mesh (3 msgs)", "offer arrived → connected",
+                   "audio frames lost:"):
+        assert figure in out, out
+    with pytest.raises(ValueError):
+        calls.bench_calls(calls=0)
+    assert main(["bench", "calls", "--mode", "direct", "-n", "0"]) == 2
+    assert "at least one call" in capsys.readouterr().err

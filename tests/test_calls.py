@@ -48,6 +48,7 @@ def test_call_messages_round_trip_and_are_control_content():
                                      "not json but mentions bubble_ref/call", '{"kind":"bubble_ref/self-copy"}'])
 def test_other_content_is_not_a_call_message(content):
     assert read_call_message(content) is None
+    assert not is_control_content(content)  # so the chat shows it (a "self-copy" from someone else included)
 
 
 @pytest.mark.parametrize("body, problem", [
@@ -530,3 +531,68 @@ def test_garbage_sdp_is_an_error_not_a_hang():
         finally:
             await session.close()
     asyncio.run(scenario())
+
+
+# -------------------------------------------------- phones over an in-memory, tamperable channel
+
+class Channel:
+    "An in-memory stand-in for the mesh that, unlike the mesh, lets a test alter what it carries."
+
+    def __init__(self, alter=lambda content: content):
+        self.alter, self.boxes = alter, {}
+
+    def client(self, name: str):
+        channel = self
+
+        class FakeClient:
+            identity = type("Id", (), {"public": type("Key", (), {"b64": name})()})()
+
+            def send(self, peer: str, content: str):
+                from bubble_ref.client import HistoryEntry
+
+                channel.boxes.setdefault(peer, []).append(
+                    HistoryEntry(f"{time.monotonic_ns()}", "in", name, channel.alter(content), "2030-01-01T12:00:00Z"))
+
+            def poll(self):
+                return channel.boxes.pop(name, [])
+        return FakeClient()
+
+
+def call_over(channel: Channel) -> dict:
+    "Alice (127.0.0.2) calls Bob (127.0.0.3, answers by himself) in direct mode; the final states of both phones."
+    async def scenario():
+        alice = calls.Phone(channel.client("ALICE"), host="127.0.0.2", tone_hz=440).start(0.01)
+        bob = calls.Phone(channel.client("BOB"), host="127.0.0.3", tone_hz=660, auto_accept=True).start(0.01)
+        try:
+            call_id = await alice.call("BOB", mode="direct")
+            settled = lambda: all(call_id in p.machine.calls and p.machine.calls[call_id].state in ("connected", *FINAL)
+                                  for p in (alice, bob))
+            deadline = time.monotonic() + 20
+            while not settled():
+                assert time.monotonic() < deadline, [p.machine.calls.get(call_id) for p in (alice, bob)]
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # let an "end" reach the other side
+            return {name: (p.machine.calls[call_id].state, p.machine.calls[call_id].reason)
+                    for name, p in (("alice", alice), ("bob", bob))}
+        finally:
+            await alice.close()
+            await bob.close()
+    return asyncio.run(scenario())
+
+
+def test_phones_connect_over_an_honest_channel():
+    assert {who: state for who, (state, _) in call_over(Channel()).items()} == {"alice": "connected",
+                                                                             "bob": "connected"}
+
+
+def test_a_fingerprint_swapped_on_the_way_fails_the_call_for_both_phones():
+    def swap(content: str) -> str:
+        message = read_call_message(content)
+        if message is None or message.type != "answer":
+            return content
+        forged = re.sub(r"(a=fingerprint:sha-256 )[0-9A-F:]+", r"\g<1>" + ":".join(["AB"] * 32), message.sdp)
+        return CallMessage("answer", message.call_id, message.expires, message.mode, forged).to_content()
+
+    states = call_over(Channel(swap))
+    assert states["bob"] == ("failed", "ICE or DTLS failed")  # Bob checks Alice's (swapped) fingerprint
+    assert states["alice"][0] in ("failed", "ended") and "connected" not in {s for s, _ in states.values()}

@@ -18,7 +18,7 @@ from aioice import stun as aioice_stun
 
 from bubble_ref import stun
 from bubble_ref.stun import (
-    BINDING, ERROR, ERROR_CODE, MESSAGE_INTEGRITY, REQUEST, SOFTWARE, SUCCESS, UNKNOWN_ATTRIBUTES, USERNAME,
+    BINDING, ERROR, ERROR_CODE, REQUEST, SOFTWARE, SUCCESS, UNKNOWN_ATTRIBUTES, USERNAME,
     XOR_MAPPED_ADDRESS, StunError, StunMessage, decode, encode, read_xor_address, xor_address)
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "rfc5769.json").read_text("utf-8"))
