@@ -1331,7 +1331,8 @@ def format_calls_bench(r: dict) -> str:
         f"  offer arrived → connected, without the answer's mesh transit"
         f"   p50 {r['after_offer']['p50']:.1f} ms   p95 {r['after_offer']['p95']:.1f} ms   ({target} the 100 ms target)",
         f"    = make the answer (p50 {r['make_answer']['p50']:.0f} ms) + seal and post it and its self-copy "
-        f"(p50 {r['send_answer']['p50']:.0f} ms) + ICE and DTLS via TURN once Bob has it (p50 {r['connect']['p50']:.0f} ms)",
+        f"(p50 {r['send_answer']['p50']:.0f} ms) + ICE and DTLS{' via TURN' if r['mode'] == 'relay' else ''} once Bob "
+        f"has it (p50 {r['connect']['p50']:.0f} ms)",
         f"  audio frames lost: {r['frames_lost']} of {r['frames_sent']} sent "
         f"({r['audio_seconds']:g} s both ways per call, counted by RTP packets)"])
 
