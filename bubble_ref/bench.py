@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import random
 import statistics
 import tempfile
 import threading
@@ -19,12 +20,14 @@ import requests
 
 from .crypto import OAEP, PSS, SHA256, Identity
 from .envelope import check_packet, make_retrieval_proof, open_message, seal
+from .packets import parse_timestamp
 from .store import Mailbox, ManualClock
 
 # %% auto #0
 __all__ = ['CryptoBench', 'bench_crypto', 'format_crypto_bench', 'LoadResult', 'drive', 'NodeBench', 'bench_node',
-           'format_node_bench', 'StoreBench', 'bench_store', 'format_store_bench', 'MeshBench', 'bench_mesh',
-           'format_mesh_bench', 'format_monitoring_bench']
+           'format_node_bench', 'StoreBench', 'bench_store', 'format_store_bench', 'FloodFigures', 'simulate_flooding',
+           'MeshBench', 'bench_mesh', 'format_mesh_bench', 'MonitoringBench', 'monitoring_scenario', 'bench_monitoring',
+           'format_monitoring_bench']
 
 # %% ../notebooks/91_bench.ipynb #0806c232
 @dataclass(frozen=True)
@@ -119,19 +122,24 @@ def _bare_app():
 
 
 def _serve(kind: str, data_dir: str, threads: int, ready) -> None:
-    "Child process: serve the node or the bare app with waitress and report the port."
+    "Child process: serve the node exactly as `bubble-ref node` does (every role, the real driver), or the bare app."
     import logging
+    import random
 
     from waitress.server import create_server
 
     logging.getLogger("waitress").setLevel(logging.ERROR)  # "task queue depth" notes would interleave with results
     if kind == "node":
-        from bubble_ref.node import Node
-        from bubble_ref.relay import create_app
-        app = create_app(Node.open(data_dir))
+        from bubble_ref.ballot import open_monitored_node
+        from bubble_ref.packets import system_clock
+        from bubble_ref.relay import Driver, create_waitress
+
+        node = open_monitored_node(data_dir, clock=system_clock, rng=random.Random())
+        driver = Driver(node)
+        server = create_waitress(node, driver, "127.0.0.1", 0, threads)
+        driver.start()
     else:
-        app = _bare_app()
-    server = create_server(app, host="127.0.0.1", port=0, threads=threads)
+        server = create_server(_bare_app(), host="127.0.0.1", port=0, threads=threads)
     ready.put(server.effective_port)
     server.run()
 
@@ -321,10 +329,66 @@ def format_store_bench(result: StoreBench) -> str:
 
 # %% ../notebooks/91_bench.ipynb #7b3fc588
 @dataclass(frozen=True)
-class MeshBench:
-    simulated: dict[str, list]
-    live_latencies: list[float]
-    live_nodes: int
+class FloodFigures:
+    "Flooding measured on the real node classes in the simulator, for one condition."
+    condition: str
+    nodes: int
+    broadcasts: int
+    relays_per_message_per_node: float  # POST /relay requests sent, per packet, per node
+    relay_bytes_per_message_per_node: float
+    delivery: float  # of packet copies the reachable honest nodes should hold, the share they hold
+    latency_median: float  # seconds from the post until a node holds the packet (every node, every packet)
+    latency_max: float
+    background_per_node_per_second: float  # other server-to-server requests (directory, sync, peers)
+    cpu_ms_per_message_per_node: float  # this process's CPU time for the run, per packet per node
+
+
+def simulate_flooding(condition: str, nodes: int = 25, broadcasts: int = 20, *, loss: float = 0.0,
+                      dropper: bool = False, seed: int = 0) -> FloodFigures:
+    "Flood `broadcasts` packets (one a second) through `nodes` real mesh nodes on a simulated 100 ms network."
+    from bubble_ref.audit import misbehave
+    from bubble_ref.mesh import build_topology, open_mesh_node
+    from bubble_ref.sim import SimNetwork, sim_keys
+
+    links = build_topology(nodes, "random", degree=4, seed=seed)
+    hub = max(range(nodes), key=lambda v: (len(links[v]), -v)) if dropper else None
+
+    def build(data_dir, *, host_index, **kwargs):
+        node = open_mesh_node(data_dir, **kwargs)
+        if host_index == hub:
+            misbehave(node.roles["broadcast"], node.roles["sync"], "drop")
+        return node
+
+    keys = sim_keys(64)
+    with SimNetwork(seed, latency=0.1, jitter=0.0, loss=loss, trace=True) as net:
+        for i in range(nodes):
+            net.add(f"n{i}", build, host_index=i)
+        for i, neighbours in enumerate(links):
+            for j in neighbours:
+                if i < j:
+                    net.link(f"n{i}", f"n{j}")
+        net.start()
+        net.run(seconds=12)  # peers resolved, a directory round done
+        started, cpu, sent_before = net.now, time.process_time(), net.bytes_sent["POST /relay"]
+        posted = {}
+        for b in range(broadcasts):
+            origin = next(f"n{(b + k) % nodes}" for k in range(nodes) if (b + k) % nodes != hub)
+            packet = seal(keys[56 + b % 8], keys[48 + b % 8].public, f"bench {b}", clock=net.clock, min_padded=2048)
+            posted[net.request(origin, "POST", "/messages", packet.to_dict()).body["packet_id"]] = net.clock()
+            net.run(seconds=1)
+        net.run(seconds=60)
+        cpu = time.process_time() - cpu
+        honest = [f"n{i}" for i in range(nodes) if i != hub]
+        latencies = [(arrived - at).total_seconds() for name in honest for packet_id, at in posted.items()
+                     if (arrived := net.hosts[name].node.roles["broadcast"].arrival(packet_id)) is not None]
+        requests_ = [e for e in net.trace if e.at >= started and e.kind == "request"]
+        relays = sum(e.what == "POST /relay" for e in requests_)
+        relay_bytes = net.bytes_sent["POST /relay"] - sent_before
+        elapsed = net.now - started
+    per = broadcasts * nodes
+    return FloodFigures(condition, nodes, broadcasts, relays / per, relay_bytes / per,
+                        len(latencies) / (len(posted) * len(honest)), statistics.median(latencies), max(latencies),
+                        (len(requests_) - relays) / (nodes * elapsed), cpu * 1000 / per)
 
 
 def _live_line(nodes: int, messages: int) -> list[float]:
@@ -377,51 +441,128 @@ def _live_line(nodes: int, messages: int) -> list[float]:
                 p.wait(timeout=20)
     return latencies
 
+# %% ../notebooks/91_bench.ipynb #e19d4d2f
+@dataclass(frozen=True)
+class MeshBench:
+    simulated: list[FloodFigures]
+    models: dict[str, list]
+    live_latencies: list[float]
+    live_nodes: int
 
-def bench_mesh(broadcasts: int = 100, live_messages: int = 50, live_nodes: int = 5) -> MeshBench:
-    "The simulator's comparison (25 nodes, 100 ms links) in three conditions, and a real loopback line."
-    from bubble_ref import sim
 
-    if broadcasts < 1 or live_messages < 2 or live_nodes < 2:
-        raise ValueError("need at least 1 broadcast, 2 live messages and 2 live nodes")
-    settings = dict(n=25, latency=0.1, broadcasts=broadcasts, degree=4, seed=0)
-    simulated = {"clean network": sim.compare(**settings),
-                 "one silently dropping node": sim.compare(droppers=1, **settings),
-                 "10% link loss": sim.compare(loss=0.1, **settings)}
-    return MeshBench(simulated, _live_line(live_nodes, live_messages), live_nodes)
+def bench_mesh(nodes: int = 25, broadcasts: int = 20, live_messages: int = 50, live_nodes: int = 5) -> MeshBench:
+    "Flooding on the real classes (simulated: clean, a silent dropper, 10% loss), a real line, and the models."
+    from bubble_ref import strategies
+
+    if nodes < 3 or broadcasts < 1 or live_messages < 2 or live_nodes < 2:
+        raise ValueError("need at least 3 nodes, 1 broadcast, 2 live messages and 2 live nodes")
+    simulated = [simulate_flooding("clean network", nodes, broadcasts),
+                 simulate_flooding("one silent dropper (the busiest node)", nodes, broadcasts, dropper=True),
+                 simulate_flooding("10% of requests and answers lost", nodes, broadcasts, loss=0.1)]
+    settings = dict(n=nodes, latency=0.1, broadcasts=100, degree=4, seed=0)
+    models = {"clean network": strategies.compare(**settings),
+              "one silently dropping node": strategies.compare(droppers=1, **settings),
+              "10% link loss": strategies.compare(loss=0.1, **settings)}
+    return MeshBench(simulated, models, _live_line(live_nodes, live_messages), live_nodes)
 
 
 def format_mesh_bench(result: MeshBench) -> str:
     "The tables `bubble-ref bench mesh` prints."
-    from bubble_ref import sim
+    from bubble_ref import strategies
 
-    lines = ["bubble-ref bench mesh: simulated, 25 nodes (random graph, degree 4), 100 ms links, seed 0"]
-    for condition, runs in result.simulated.items():
-        lines += [f"-- {condition}", sim.format_table(runs)]
-    flood = {c: next(r for r in runs if r.strategy == "flood") for c, runs in result.simulated.items()}
-    clean, dropper = flood["clean network"], flood["one silently dropping node"]
-    lines.append(f"flood (the node's strategy): median {clean.median_latency * 1000:.0f} ms (target <= 400), "
-                 f"max {clean.max_latency * 1000:.0f} ms (target <= 600), delivery with one dropper "
-                 f"{dropper.delivery_ratio:.1%} (target 100%)")
+    first = result.simulated[0]
+    lines = [f"bubble-ref bench mesh: the real node classes, simulated: {first.nodes} nodes (random graph, degree 4), "
+             f"100 ms links, {first.broadcasts} packets one a second, seed 0",
+             f"{'condition':40}{'relays':>8}{'KB':>7}{'delivery':>10}{'median':>8}{'max':>8}{'backgr.':>9}{'CPU ms':>8}",
+             f"{'':40}{'/msg/node':>8}{'/msg/node':>7}{'':>10}{'s':>8}{'s':>8}{'req/s/n':>9}{'/msg/n':>8}"]
+    for f in result.simulated:
+        lines.append(f"{f.condition:40}{f.relays_per_message_per_node:8.2f}{f.relay_bytes_per_message_per_node / 1000:7.1f}"
+                     f"{f.delivery:10.1%}{f.latency_median:8.2f}{f.latency_max:8.2f}"
+                     f"{f.background_per_node_per_second:9.2f}{f.cpu_ms_per_message_per_node:8.1f}")
     ms = sorted(x * 1000 for x in result.live_latencies)
     p99 = statistics.quantiles(ms, n=100, method="inclusive")[98]
     lines.append(f"live: {result.live_nodes}-node line of bubble-ref node processes on loopback, "
                  f"{len(ms)} packets: POST at the first -> retrievable at the last ({result.live_nodes - 1} relays): "
-                 f"median {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms")
+                 f"median {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms (min {ms[0]:.1f}, max {ms[-1]:.1f})")
+    lines.append("models (notebook 06c: abstract strategies, no retries, not the node), 100 broadcasts:")
+    for condition, runs in result.models.items():
+        lines += [f"-- {condition}", strategies.format_table(runs)]
     return "\n".join(lines)
 
 # %% ../notebooks/91_bench.ipynb #0ddea9a9
-def format_monitoring_bench(result: dict) -> str:
+@dataclass(frozen=True)
+class MonitoringBench:
+    "How monitoring did on seeded meshes of real nodes (simulated)."
+    seeds: int
+    nodes: int
+    loss: float
+    silent: list  # per seed: seconds until every honest node blacklisted the silent dropper (None: not within the run)
+    selective: list
+    honest_blacklisted: int  # (judge, honest server) blacklistings, in every run
+    colluders: int
+    coups: int  # runs in which a colluding minority got its victim blacklisted by an honest node
+    seconds: float
+
+
+def monitoring_scenario(seed: int, nodes: int, loss: float, kind: str):
+    "A swarm scenario for the benchmark: droppers ('silent' and 'selective' together) or a colluding minority."
+    from bubble_ref.mesh import build_topology
+    from bubble_ref.swarm import Scenario
+
+    rng = random.Random(f"monitoring {seed}")
+    names = tuple(f"n{i}" for i in range(nodes))
+    links = tuple(tuple(ns) for ns in build_topology(nodes, "random", degree=4, seed=seed))
+    behaviour, victim = dict.fromkeys(names, "honest"), None
+    if kind == "droppers":
+        silent, selective = rng.sample(names, 2)
+        behaviour[silent], behaviour[selective] = "drop", "selective"
+    else:
+        victim, *gang = rng.sample(names, 1 + (nodes - 1) // 2)  # the largest minority of the others
+        for name in gang:
+            behaviour[name] = "collude"
+    traffic = tuple((5.0 + 10 * k, rng.choice([n for n in names if behaviour[n] == "honest"]), k % 8) for k in range(20))
+    return Scenario(seed, names, links, behaviour, victim, loss, (), (), (), traffic, 200.0, 600.0)
+
+
+def bench_monitoring(seeds: int = 5, nodes: int = 15, loss: float = 0.1) -> MonitoringBench:
+    "Droppers and colluders on `seeds` simulated meshes of `nodes` full nodes each (the real classes)."
+    from bubble_ref.swarm import run_scenario
+
+    if seeds < 1 or nodes < 5 or not 0 <= loss < 1:
+        raise ValueError("need at least 1 seed, 5 nodes, and a loss rate in [0, 1)")
+    started = time.perf_counter()
+    silent, selective, wrong, coups, gang = [], [], 0, 0, 0
+    for seed in range(seeds):
+        for kind in ("droppers", "colluders"):
+            scenario = monitoring_scenario(seed, nodes, loss, kind)
+            run = run_scenario(scenario)
+            honest = scenario.honest
+            wrong += sum(1 for _, judge, about, d in run.decisions
+                         if d == "blacklisted" and about in honest and scenario.behaviour[judge] != "collude")
+            if kind == "colluders":
+                gang = sum(b == "collude" for b in scenario.behaviour.values())
+                coups += any(about == scenario.victim and d == "blacklisted" and scenario.behaviour[judge] != "collude"
+                             for _, judge, about, d in run.decisions)
+                continue
+            for name in scenario.droppers:
+                firsts = [run.first_blacklisting(name, by=h) for h in honest]
+                caught = max(firsts) if all(t is not None for t in firsts) else None
+                (silent if scenario.behaviour[name] == "drop" else selective).append(caught)
+    return MonitoringBench(seeds, nodes, loss, silent, selective, wrong, gang, coups, time.perf_counter() - started)
+
+
+def format_monitoring_bench(result: MonitoringBench) -> str:
     "The report `bubble-ref bench monitoring` prints."
-    def caught(name: str) -> str:
-        r = result[name]
-        return (f"{name} dropper blacklisted in round: median {r['median']}, worst {r['worst']}, "
-                f"within 3 rounds {r['within_3']}/{result['seeds']} (target: all), never {r['never']}; "
-                f"rounds: {r['histogram']}")
+    def caught(name: str, times: list) -> str:
+        found = sorted(t for t in times if t is not None)
+        spread = (f"median {statistics.median(found):.0f} s (min {found[0]:.0f}, max {found[-1]:.0f})"
+                  if found else "never")
+        return f"{name} dropper blacklisted by every honest node: {len(found)} of {len(times)} runs, {spread}"
     return "\n".join([
-        f"bubble-ref bench monitoring: {result['seeds']} simulated networks of {result['nodes']} nodes, "
-        f"{result['loss']:.0%} link loss, {result['rounds']} audit rounds each",
-        caught("silent"), caught("selective"),
-        f"honest nodes wrongly blacklisted: {result['honest_blacklisted']} (target 0)",
-        f"a minority of {result['colluders']} colluders blacklisted an honest node in {result['coups']} of "
-        f"{result['seeds']} networks (target 0)"])
+        f"bubble-ref bench monitoring: the real node classes, simulated: {result.seeds} meshes of {result.nodes} "
+        f"nodes per experiment (random graph, degree 4), {result.loss:.0%} of requests and answers lost, audits "
+        f"every 10 s per node on average, 600 simulated seconds each ({result.seconds:.0f} s of real time)",
+        caught("silent", result.silent), caught("selective", result.selective),
+        f"honest servers wrongly blacklisted (by any honest node, at any time): {result.honest_blacklisted} (target 0)",
+        f"a colluding minority of {result.colluders} got its honest victim blacklisted in {result.coups} of "
+        f"{result.seeds} meshes (target 0)"])

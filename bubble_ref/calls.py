@@ -16,7 +16,6 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,30 +23,23 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
+from fastcore.basics import patch
+
 from .client import Client, HistoryEntry
-from .envelope import (
-    MalformedPacket, ProofExpired, ProofRejected, ProofReplayed, make_retrieval_proof, verify_retrieval_proof)
-from .node import NodeError
+from .envelope import make_retrieval_proof
+from .node import Node, NodeError, Reply, Request, Route
 from .packets import (
     Clock, PacketError, RetrievalPacket, format_timestamp, parse_json, parse_timestamp, system_clock)
 from .stun import Certificate, binding_over_tls, make_certificate
 
-
-def patch_method(cls):
-    "Make the decorated function a method of `cls`, so a class can be built over several cells (as fastcore's @patch)."
-    def attach(function) -> None:
-        setattr(cls, function.__name__, function)
-    return attach
-
 # %% auto #0
 __all__ = ['CALL_KIND', 'CALL_VERSION', 'CALL_TYPES', 'MODES', 'MAX_SDP_CHARS', 'ROLES', 'SETUP', 'LIVE', 'FINAL', 'LIVE_AS',
-           'TRANSITIONS', 'MAX_CREDENTIAL_REQUEST_BYTES', 'COTURN_CONFIG', 'STATUS_TEXT', 'patch_method', 'CallError',
-           'CallMessage', 'read_call_message', 'Send', 'MakeOffer', 'MakeAnswer', 'ApplyAnswer', 'StopMedia', 'Changed',
-           'IllegalMove', 'Call', 'CallTimes', 'CallMachine', 'turn_credentials', 'turn_credentials_valid',
-           'TurnConfig', 'load_turn_config', 'CredentialLimiter', 'prove_key', 'issue_turn_credentials',
-           'add_turn_routes', 'with_turn_routes', 'fetch_turn_credentials', 'find_turnserver', 'Coturn', 'start_coturn',
-           'IcePolicy', 'install_ice_hooks', 'tone_track', 'MediaSession', 'sdp_candidates', 'sdp_addresses', 'Signal',
-           'Phone', 'CallPanel', 'bench_calls', 'format_calls_bench', 'run_calls_bench']
+           'TRANSITIONS', 'MAX_CREDENTIAL_REQUEST_BYTES', 'COTURN_CONFIG', 'STATUS_TEXT', 'CallError', 'CallMessage',
+           'read_call_message', 'Send', 'MakeOffer', 'MakeAnswer', 'ApplyAnswer', 'StopMedia', 'Changed', 'IllegalMove',
+           'Call', 'CallTimes', 'CallMachine', 'turn_credentials', 'turn_credentials_valid', 'TurnConfig',
+           'load_turn_config', 'CredentialLimiter', 'TurnCredentials', 'fetch_turn_credentials', 'find_turnserver',
+           'Coturn', 'start_coturn', 'IcePolicy', 'install_ice_hooks', 'tone_track', 'MediaSession', 'sdp_candidates',
+           'sdp_addresses', 'Signal', 'Phone', 'CallPanel', 'bench_calls', 'format_calls_bench', 'run_calls_bench']
 
 # %% ../notebooks/11b_calls.ipynb #d819564c
 CALL_KIND = "bubble_ref/call"
@@ -254,8 +246,8 @@ class CallMachine:
         return []
 
 # %% ../notebooks/11b_calls.ipynb #82fd1a9e
-@patch_method(CallMachine)
-def place(self, peer: str, mode: str = "relay") -> list:
+@patch
+def place(self: CallMachine, peer: str, mode: str = "relay") -> list:
     "Call `peer`: send an invitation (no SDP, no address)."
     if mode not in MODES:
         raise CallError(f"mode must be one of {MODES}")
@@ -267,29 +259,29 @@ def place(self, peer: str, mode: str = "relay") -> list:
     return self._move(call, "place") + [self._message(call, "invite")]
 
 
-@patch_method(CallMachine)
-def accept(self, call_id: str) -> list:
+@patch
+def accept(self: CallMachine, call_id: str) -> list:
     "Answer a ringing call: the media engine makes the offer."
     call = self.calls[call_id]
     return self._move(call, "accept") + [MakeOffer(call_id, call.mode)]
 
 
-@patch_method(CallMachine)
-def reject(self, call_id: str) -> list:
+@patch
+def reject(self: CallMachine, call_id: str) -> list:
     call = self.calls[call_id]
     return self._move(call, "reject", "declined") + [self._message(call, "decline")]
 
 
-@patch_method(CallMachine)
-def hangup(self, call_id: str) -> list:
+@patch
+def hangup(self: CallMachine, call_id: str) -> list:
     call = self.calls[call_id]
     media = call.state in (*SETUP, "connected")
     return self._move(call, "hangup", "hung up") + [self._message(call, "end", reason="hung up")] + (
         [StopMedia(call_id)] if media else [])
 
 
-@patch_method(CallMachine)
-def media_ready(self, call_id: str, sdp: str) -> list:
+@patch
+def media_ready(self: CallMachine, call_id: str, sdp: str) -> list:
     "The media engine made our offer (callee) or answer (caller): send it."
     call = self.calls.get(call_id)
     if call is None or call.state not in ("offering", "answering"):
@@ -298,22 +290,22 @@ def media_ready(self, call_id: str, sdp: str) -> list:
     return self._move(call, f"{kind}_ready") + [self._message(call, kind, sdp=sdp)]
 
 
-@patch_method(CallMachine)
-def media_connected(self, call_id: str) -> list:
+@patch
+def media_connected(self: CallMachine, call_id: str) -> list:
     call = self.calls.get(call_id)
     return self._move(call, "connected") if call is not None and call.state == "connecting" else []
 
 
-@patch_method(CallMachine)
-def media_failed(self, call_id: str, reason: str) -> list:
+@patch
+def media_failed(self: CallMachine, call_id: str, reason: str) -> list:
     call = self.calls.get(call_id)
     if call is None or call.state not in (*SETUP, "connected"):
         return []
     return self._move(call, "media_failed", reason) + [self._message(call, "end", reason=reason), StopMedia(call_id)]
 
 # %% ../notebooks/11b_calls.ipynb #f598d381
-@patch_method(CallMachine)
-def receive(self, sender: str, message: CallMessage) -> list:
+@patch
+def receive(self: CallMachine, sender: str, message: CallMessage) -> list:
     "A call message that arrived, sealed and signed by `sender`: the actions it causes."
     now = self.clock()
     expires = parse_timestamp(message.expires)
@@ -340,8 +332,8 @@ def receive(self, sender: str, message: CallMessage) -> list:
     return actions
 
 
-@patch_method(CallMachine)
-def _invited(self, sender: str, message: CallMessage, expires: datetime) -> list:
+@patch
+def _invited(self: CallMachine, sender: str, message: CallMessage, expires: datetime) -> list:
     now = self.clock()
     if message.call_id in self.seen_invites or message.call_id in self.calls:
         return self._refuse(message.call_id, "replayed invite")
@@ -363,16 +355,16 @@ def _invited(self, sender: str, message: CallMessage, expires: datetime) -> list
     return self._ring(sender, message, expires)
 
 
-@patch_method(CallMachine)
-def _ring(self, sender: str, message: CallMessage, expires: datetime) -> list:
+@patch
+def _ring(self: CallMachine, sender: str, message: CallMessage, expires: datetime) -> list:
     call = Call(message.call_id, sender, "callee", message.mode, expires=expires)
     call.deadline = min(expires, self.clock() + self.times.ring)
     self.calls[call.call_id] = call
     return self._move(call, "invite")
 
 
-@patch_method(CallMachine)
-def receive_own(self, message: CallMessage) -> list:
+@patch
+def receive_own(self: CallMachine, message: CallMessage) -> list:
     "A call message another device of mine sent (its self-copy): stop ringing if that device answered."
     call = self.calls.get(message.call_id)
     if call is None or call.state != "ringing" or message.type not in ("offer", "decline"):
@@ -381,8 +373,8 @@ def receive_own(self, message: CallMessage) -> list:
                       else "declined on another device")
 
 
-@patch_method(CallMachine)
-def tick(self) -> list:
+@patch
+def tick(self: CallMachine) -> list:
     "Time passes: calls past their deadline time out (and the other side is told)."
     now, actions = self.clock(), []
     for call in list(self.calls.values()):
@@ -452,82 +444,51 @@ class CredentialLimiter:
     def __init__(self, clock: Clock, per_minute: int, max_keys: int = 100_000):
         self.clock, self.per_minute, self.max_keys = clock, per_minute, max_keys
         self._issued: dict[str, deque] = {}
-        self._lock = threading.Lock()  # waitress serves requests from several threads
 
     def allow(self, key_id: str) -> bool:
         now = self.clock()
-        with self._lock:
-            times = self._issued.pop(key_id, deque())
-            while times and times[0] <= now - timedelta(minutes=1):
-                times.popleft()
-            if len(self._issued) >= self.max_keys:  # forget the least recently seen key
-                del self._issued[next(iter(self._issued))]
-            self._issued[key_id] = times
-            if len(times) >= self.per_minute:
-                return False
-            times.append(now)
-            return True
-
-
-def prove_key(node, packet: RetrievalPacket):
-    "Check a retrieval proof as `node` does for GET /messages; NodeError (400/401) if it fails."
-    try:
-        if node.config.proof_mode == "spec":
-            return verify_retrieval_proof(packet)
-        return verify_retrieval_proof(packet, mode="hardened", server_id=node.id, now=node.clock(),
-                                      replay_cache=node.replay_cache)
-    except MalformedPacket as e:
-        raise NodeError(400, "invalid_packet", str(e)) from None
-    except ProofExpired as e:
-        raise NodeError(401, "proof_expired", str(e)) from None
-    except ProofReplayed as e:
-        raise NodeError(401, "proof_replayed", str(e)) from None
-    except ProofRejected as e:
-        raise NodeError(401, "bad_proof", str(e)) from None
+        times = self._issued.pop(key_id, deque())
+        while times and times[0] <= now - timedelta(minutes=1):
+            times.popleft()
+        if len(self._issued) >= self.max_keys:  # forget the least recently seen key
+            del self._issued[next(iter(self._issued))]
+        self._issued[key_id] = times
+        if len(times) >= self.per_minute:
+            return False
+        times.append(now)
+        return True
 
 # %% ../notebooks/11b_calls.ipynb #4989576c
-def issue_turn_credentials(node, turn: TurnConfig, limiter: CredentialLimiter, body: bytes | str, *,
-                           new_user: Callable[[], str] = lambda: secrets.token_hex(8)) -> dict:
-    "The answer to GET /turn-credentials: prove your key, get short-lived TURN credentials."
-    if len(body) > MAX_CREDENTIAL_REQUEST_BYTES:
-        raise NodeError(413, "too_large", f"a credential request is at most {MAX_CREDENTIAL_REQUEST_BYTES} bytes")
-    try:
-        packet = RetrievalPacket.from_dict(parse_json("retrieval", body))
-    except PacketError as e:
-        raise NodeError(400, "invalid_packet", str(e)) from None
-    key = prove_key(node, packet)
-    if not limiter.allow(key.id):
-        raise NodeError(429, "rate_limited", f"at most {turn.per_minute} TURN credentials per key per minute")
-    username, password = turn_credentials(turn.secret, new_user(), now=node.clock(), ttl=turn.ttl)
-    answer = {"uris": list(turn.uris), "username": username, "credential": password,
-              "ttl": int(turn.ttl.total_seconds())}
-    return answer | ({"certificate": turn.certificate_pem} if turn.certificate_pem else {})
+class TurnCredentials:
+    "A node role: GET /turn-credentials gives a client that proves its key short-lived credentials for `turn`."
 
+    name = "turn"
 
-def add_turn_routes(app, node, turn: TurnConfig) -> None:
-    "Serve GET /turn-credentials (body: a retrieval proof) on the node's Flask app."
-    from bubble_ref.relay import json_body_route
+    def __init__(self, node: Node, turn: TurnConfig, *, new_user: Callable[[], str] = lambda: secrets.token_hex(8)):
+        # The user ids come from `secrets`, not from the node's seeded `rng`: the TURN operator sees every one,
+        # and enough outputs of a Mersenne Twister would let it predict the node's other random choices (audits).
+        self.node, self.turn, self.new_user = node, turn, new_user
+        self.limiter = CredentialLimiter(node.clock, turn.per_minute)
 
-    limiter = CredentialLimiter(node.clock, turn.per_minute)
+    def routes(self) -> list[Route]:
+        return [Route("GET", "/turn-credentials", self.issue, json_body=True)]
 
-    @app.get("/turn-credentials")
-    def get_turn_credentials():
-        answer = json_body_route(lambda body: issue_turn_credentials(node, turn, limiter, body), 200,
-                                 MAX_CREDENTIAL_REQUEST_BYTES)
-        if isinstance(answer, tuple):
-            answer[0].headers["Cache-Control"] = "no-store"  # credentials are not for caches
-        return answer
-
-
-def with_turn_routes(node_class: type, turn: TurnConfig) -> type:
-    "A mesh node class whose app also serves GET /turn-credentials (for in-process meshes)."
-    class TurnNode(node_class):
-        def add_routes(self, app) -> None:
-            super().add_routes(app)
-            add_turn_routes(app, self, turn)
-
-    TurnNode.__name__ = TurnNode.__qualname__ = f"Turn{node_class.__name__}"
-    return TurnNode
+    def issue(self, request: Request) -> Reply:
+        "GET /turn-credentials: prove your key with a retrieval proof, get TURN credentials that name no one."
+        if len(request.body) > MAX_CREDENTIAL_REQUEST_BYTES:
+            raise NodeError(413, "too_large", f"a credential request is at most {MAX_CREDENTIAL_REQUEST_BYTES} bytes")
+        try:
+            packet = RetrievalPacket.from_dict(parse_json("retrieval", request.body))
+        except PacketError as e:
+            raise NodeError(400, "invalid_packet", str(e)) from None
+        key = self.node.roles["mailbox"].prove(packet)  # 400 or 401, as for GET /messages
+        if not self.limiter.allow(key.id):
+            raise NodeError(429, "rate_limited", f"at most {self.turn.per_minute} TURN credentials per key per minute")
+        username, password = turn_credentials(self.turn.secret, self.new_user(), now=self.node.clock(),
+                                              ttl=self.turn.ttl)
+        answer = {"uris": list(self.turn.uris), "username": username, "credential": password,
+                  "ttl": int(self.turn.ttl.total_seconds())}
+        return Reply(200, answer | ({"certificate": self.turn.certificate_pem} if self.turn.certificate_pem else {}))
 
 # %% ../notebooks/11b_calls.ipynb #07d02d5d
 def fetch_turn_credentials(client: Client) -> dict:
@@ -820,16 +781,16 @@ class MediaSession:
         await self.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
 
 # %% ../notebooks/11b_calls.ipynb #3faa5227
-@patch_method(MediaSession)
-def audio(self):
+@patch
+def audio(self: MediaSession):
     "Everything heard so far, as one mono int16 array at `self.rate`."
     import numpy as np
 
     return np.concatenate(self.heard) if self.heard else np.zeros(0, dtype=np.int16)
 
 
-@patch_method(MediaSession)
-async def rtp_counts(self) -> dict:
+@patch
+async def rtp_counts(self: MediaSession) -> dict:
     "RTP packets sent and received on this connection so far."
     report = await self.pc.getStats()
     counts = {"sent": 0, "received": 0}
@@ -841,8 +802,8 @@ async def rtp_counts(self) -> dict:
     return counts
 
 
-@patch_method(MediaSession)
-async def close(self) -> None:
+@patch
+async def close(self: MediaSession) -> None:
     await self.pc.close()
     if self._reader is not None:
         self._reader.cancel()
@@ -901,7 +862,8 @@ class Phone:
         self.listeners: list[Callable[[Changed], None]] = []
         self.errors: list[str] = []
         self.public_address: tuple[str, int] | None = None  # learnt over STUN/TLS in direct mode
-        self.fetch: Callable[[], list[HistoryEntry]] = client.poll  # a chat window can supply its own (locked) poll
+        self.fetch: Callable[[], list[HistoryEntry]] = client.poll  # or a chat session's (locked) poll: listen_to
+        self.session = None  # the chat session whose polls hand this phone its messages, if any
         self._sending, self._polling = asyncio.Lock(), asyncio.Lock()  # one send and one poll at a time
         self._preparing: dict[str, asyncio.Task] = {}
         self._credentials: tuple[float, dict] | None = None
@@ -923,8 +885,8 @@ class Phone:
             return await asyncio.to_thread(function, *args)
 
 # %% ../notebooks/11b_calls.ipynb #f2d27bd4
-@patch_method(Phone)
-async def call(self, peer: str, mode: str = "relay") -> str:
+@patch
+async def call(self: Phone, peer: str, mode: str = "relay") -> str:
     "Call `peer` (a public key); returns the call id."
     actions = self.machine.place(peer, mode)
     call_id = self.machine.active().call_id
@@ -934,39 +896,47 @@ async def call(self, peer: str, mode: str = "relay") -> str:
     return call_id
 
 
-@patch_method(Phone)
-async def accept(self, call_id: str) -> None:
+@patch
+async def accept(self: Phone, call_id: str) -> None:
     await self._do(self.machine.accept(call_id))
 
 
-@patch_method(Phone)
-async def reject(self, call_id: str) -> None:
+@patch
+async def reject(self: Phone, call_id: str) -> None:
     await self._do(self.machine.reject(call_id))
 
 
-@patch_method(Phone)
-async def hangup(self, call_id: str) -> None:
+@patch
+async def hangup(self: Phone, call_id: str) -> None:
     await self._do(self.machine.hangup(call_id))
 
 # %% ../notebooks/11b_calls.ipynb #2472b6cf
-@patch_method(Phone)
-async def poll(self) -> int:
+@patch
+async def poll(self: Phone) -> int:
     "Fetch new messages and act on the call messages among them; how many messages arrived."
     entries = await self._blocking(self._polling, self.fetch)
-    await self.handle(entries)
+    if self.session is None:  # else the session's listener (`deliver`) has handed them over already
+        await self.handle(entries)
     return len(entries)
 
 
-@patch_method(Phone)
-def deliver(self, entries: list[HistoryEntry]) -> None:
+@patch
+def listen_to(self: Phone, session) -> None:
+    "Share a chat session's client: poll through the session (its lock), and hear every poll of it, the chat's too."
+    self.session, self.fetch = session, session.poll
+    session.add_listener(self.deliver)
+
+
+@patch
+def deliver(self: Phone, entries: list[HistoryEntry]) -> None:
     "Hand over entries fetched elsewhere (a chat window's poll), from any thread."
     if self._loop is None:
         raise RuntimeError("start the phone (or let it act once) before handing it entries")
     self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.handle(entries)))
 
 
-@patch_method(Phone)
-async def handle(self, entries: list[HistoryEntry]) -> None:
+@patch
+async def handle(self: Phone, entries: list[HistoryEntry]) -> None:
     for entry in entries:
         try:
             message = read_call_message(entry.content)
@@ -982,8 +952,8 @@ async def handle(self, entries: list[HistoryEntry]) -> None:
             await self._do(self.machine.receive_own(message))
 
 
-@patch_method(Phone)
-async def run(self, every: float = 0.02) -> None:
+@patch
+async def run(self: Phone, every: float = 0.02) -> None:
     "Poll and keep time until cancelled."
     from bubble_ref.client import ClientError
 
@@ -998,8 +968,8 @@ async def run(self, every: float = 0.02) -> None:
         await asyncio.sleep(every)
 
 
-@patch_method(Phone)
-def start(self, every: float = 0.02) -> "Phone":
+@patch
+def start(self: Phone, every: float = 0.02) -> "Phone":
     "Poll every `every` seconds in the background (aiortc is imported now, not in the middle of a first call)."
     import aiortc  # noqa: F401
 
@@ -1008,8 +978,8 @@ def start(self, every: float = 0.02) -> "Phone":
     return self
 
 
-@patch_method(Phone)
-async def close(self) -> None:
+@patch
+async def close(self: Phone) -> None:
     "Stop polling (letting a fetch in progress finish, so the client can be closed) and end the media."
     self._stopping = True
     if self._runner is not None:
@@ -1018,8 +988,8 @@ async def close(self) -> None:
         await self._stop_media(call_id)
 
 # %% ../notebooks/11b_calls.ipynb #16e358c5
-@patch_method(Phone)
-async def _do(self, actions: list) -> None:
+@patch
+async def _do(self: Phone, actions: list) -> None:
     "Carry out the machine's actions, and the actions those cause, in order."
     self._loop = asyncio.get_running_loop()
     queue = deque(actions)
@@ -1043,8 +1013,8 @@ async def _do(self, actions: list) -> None:
             await self._stop_media(action.call_id)
 
 
-@patch_method(Phone)
-async def _send(self, action: Send) -> list:
+@patch
+async def _send(self: Phone, action: Send) -> list:
     from bubble_ref.client import ClientError
 
     content = action.message.to_content()
@@ -1057,8 +1027,8 @@ async def _send(self, action: Send) -> list:
     return []
 
 # %% ../notebooks/11b_calls.ipynb #3fc544e6
-@patch_method(Phone)
-def _prepare(self, call_id: str, mode: str) -> None:
+@patch
+def _prepare(self: Phone, call_id: str, mode: str) -> None:
     "Start the caller's media early: its TURN allocation is made while the callee decides (only the caller's)."
     async def prepare():
         session = await self._session(call_id, mode)
@@ -1067,8 +1037,8 @@ def _prepare(self, call_id: str, mode: str) -> None:
     self._preparing[call_id] = asyncio.ensure_future(prepare())
 
 
-@patch_method(Phone)
-async def _make(self, action) -> list:
+@patch
+async def _make(self: Phone, action) -> list:
     offering = isinstance(action, MakeOffer)
     try:
         if action.call_id in self._preparing:
@@ -1082,8 +1052,8 @@ async def _make(self, action) -> list:
     return self.machine.media_ready(action.call_id, sdp)
 
 
-@patch_method(Phone)
-async def _apply(self, action: ApplyAnswer) -> list:
+@patch
+async def _apply(self: Phone, action: ApplyAnswer) -> list:
     session = self.media.get(action.call_id)
     try:
         await session.apply_answer(action.answer_sdp)
@@ -1092,8 +1062,8 @@ async def _apply(self, action: ApplyAnswer) -> list:
     return []
 
 
-@patch_method(Phone)
-async def _stop_media(self, call_id: str) -> None:
+@patch
+async def _stop_media(self: Phone, call_id: str) -> None:
     preparing = self._preparing.pop(call_id, None)
     if preparing is not None:
         await asyncio.gather(preparing, return_exceptions=True)  # a failed preparation only means no media
@@ -1103,8 +1073,8 @@ async def _stop_media(self, call_id: str) -> None:
         await session.close()
 
 
-@patch_method(Phone)
-async def _session(self, call_id: str, mode: str) -> MediaSession:
+@patch
+async def _session(self: Phone, call_id: str, mode: str) -> MediaSession:
     servers, context = [], None
     if mode == "relay":
         credentials = await self.credentials()
@@ -1127,8 +1097,8 @@ async def _session(self, call_id: str, mode: str) -> MediaSession:
                         on_state=on_state)
 
 
-@patch_method(Phone)
-async def credentials(self) -> dict:
+@patch
+async def credentials(self: Phone) -> dict:
     "TURN credentials from my RX server, fetched again when half their lifetime has passed."
     if self._credentials is None or time.monotonic() > self._credentials[0]:
         answer = await self._blocking(self._polling, fetch_turn_credentials, self.client)
@@ -1164,14 +1134,7 @@ class CallPanel:
                                  self.status])
         chat.box.children = (*chat.box.children, self.row)
         phone.listeners.append(lambda change: self.show())
-        session_poll = chat.session.poll  # the chat's own polls now also reach the phone
-        phone.fetch = session_poll
-
-        def poll_and_tell_the_phone():
-            entries = session_poll()
-            phone.deliver(entries)
-            return entries
-        chat.session.poll = poll_and_tell_the_phone
+        phone.listen_to(chat.session)  # the chat window's polls reach the phone too, and the phone's go through its lock
         self.show()
 
     def _peer(self) -> str:

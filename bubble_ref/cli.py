@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,24 +15,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Sequence
 
-import requests
-
 from . import __version__
-from .client import Client
-from .bench import (
-    bench_crypto, bench_mesh, bench_node, bench_store, format_crypto_bench, format_mesh_bench, format_monitoring_bench,
-    format_node_bench, format_store_bench)
-from .crypto import CryptoError, Identity, seal_box
-from .envelope import (
-    EnvelopeError, SIGNATURE_BOX_SIZE, check_packet, make_retrieval_proof, open_message, packet_id, seal)
-from .mesh import MeshConfig, build_topology, draw_topology, free_port, start_local_mesh
-from .reputation import bench_monitoring
-from .node import PROOF_MODES, Node, NodeConfig
-from .packets import MAX_PACKET_BYTES, ClientMessagePacket, EncryptedSignature
-from .relay import create_app, run_node
+from .packets import MAX_PACKET_BYTES
 
 # %% auto #0
-__all__ = ['DEMO_NODES', 'DEFAULT_DATA_DIR', 'run_demo', 'run_node_command', 'run_mesh_command', 'build_parser', 'main']
+__all__ = ['DEMO_NODES', 'DEFAULT_DATA_DIR', 'run_demo', 'run_node_command', 'wait_until_answering', 'run_mesh_command',
+           'build_parser', 'run_sim_command', 'main']
 
 # %% ../notebooks/90_cli.ipynb #4dbb191c
 def _short(text: str, keep: int = 20) -> str:
@@ -45,6 +32,8 @@ DEMO_NODES = "ABC"
 
 def run_demo(out=None) -> int:
     "A 3-node mesh on loopback; clients pick TX and RX by load, Alice writes to Bob, a forgery is refused."
+    from bubble_ref.mesh import start_local_mesh
+
     out = out or sys.stdout
     say = lambda *parts: print(*parts, file=out)
     with tempfile.TemporaryDirectory(prefix="bubble-demo-") as root:
@@ -57,7 +46,9 @@ def run_demo(out=None) -> int:
             say("\n7. The nodes are stopped.")
 
 
-def _wait_for(url: str, timeout: float = 20.0) -> requests.Response:
+def _wait_for(url: str, timeout: float = 60.0):
+    import requests
+
     deadline = time.monotonic() + timeout
     while True:
         response = requests.get(url, timeout=10)
@@ -67,6 +58,16 @@ def _wait_for(url: str, timeout: float = 20.0) -> requests.Response:
 
 
 def _demo_steps(urls: dict[str, str], running: dict, say: Callable[..., None], root: Path) -> int:
+    import base64
+    import json
+
+    import requests
+
+    from bubble_ref.client import Client
+    from bubble_ref.crypto import Identity, seal_box
+    from bubble_ref.envelope import EnvelopeError, check_packet, make_retrieval_proof, open_message
+    from bubble_ref.packets import ClientMessagePacket, EncryptedSignature
+
     name_of = {url: n for n, url in urls.items()}
     say(f"1. A mesh of three relay nodes is running on loopback: {' — '.join(DEMO_NODES)}")
     for n in DEMO_NODES:
@@ -89,7 +90,7 @@ def _demo_steps(urls: dict[str, str], running: dict, say: Callable[..., None], r
     alice.send(bob.identity.public, "Hi Bob, it's Alice. Lunch at noon?")
     say(f"\n4. Alice's client seals the message and POSTs it to {name_of[alice.tx]} (her TX server).")
     proof = make_retrieval_proof(bob.identity).to_dict()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while not (page := requests.get(f"{bob.rx}/messages", json=proof, timeout=10).json())["messages"]:
         if time.monotonic() > deadline:
             raise RuntimeError("the message did not reach Bob's RX server")
@@ -132,133 +133,212 @@ def _demo_steps(urls: dict[str, str], running: dict, say: Callable[..., None], r
         bob.close()
     return 0
 
-# %% ../notebooks/90_cli.ipynb #54aaa089
+# %% ../notebooks/90_cli.ipynb #b7be4966
 DEFAULT_DATA_DIR = Path.home() / ".bubble-ref" / "node"
 
 
 def run_node_command(args: argparse.Namespace) -> int:
     "`bubble-ref node`: open the node in its data directory, join its peers, and serve it until stopped."
-    from bubble_ref.reputation import MonitorConfig, MonitoredNode
-
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("bubble_ref.cli")
+    log.info("starting: loading the node's modules (data directory %s)", args.data_dir)
+    import random
+
+    from bubble_ref.ballot import open_monitored_node
+    from bubble_ref.ledger import MonitorConfig
+    from bubble_ref.mesh import MeshConfig
+    from bubble_ref.node import NodeConfig
+    from bubble_ref.packets import system_clock
+    from bubble_ref.relay import run_node
+
     try:
         config = NodeConfig(name=args.name, proof_mode=args.proof_mode, max_packet_bytes=args.max_packet_bytes,
                             page_size=args.page_size, synchronous=args.synchronous.upper())
-        mesh = MeshConfig(retry_max=timedelta(seconds=args.retry_max),
-                          sync_interval=timedelta(seconds=args.sync_interval), discover=args.discover)
+        mesh = MeshConfig(retry_max=timedelta(seconds=args.retry_max), sync_interval=timedelta(seconds=args.sync_interval),
+                          directory_interval=timedelta(seconds=args.directory_interval), discover=args.discover)
         if args.audit_deadline >= args.sync_interval:
             raise ValueError(f"--audit-deadline ({args.audit_deadline} s) must be shorter than --sync-interval "
                              f"({args.sync_interval} s), or anti-entropy carries audit packets around a dropper")
         monitor = MonitorConfig(audit_interval=timedelta(seconds=args.audit_interval) if args.audit_interval > 0
-                                else None, audit_deadline=timedelta(seconds=args.audit_deadline),
-                                directory_interval=timedelta(seconds=args.directory_interval))
-        node = MonitoredNode.open(args.data_dir, peers=tuple(args.peer), config=config, mesh=mesh,
-                                  behaviour=args.behaviour, monitor=monitor)
+                                else None, audit_deadline=timedelta(seconds=args.audit_deadline))
+        turn = _turn_config(args)  # voice calls (notebook 11b): None without --turn-url
+        log.info("starting: opening the server key and the mailbox in %s", args.data_dir)
+        node = open_monitored_node(args.data_dir, peers=tuple(args.peer), clock=system_clock,
+                                   rng=random.Random(), config=config, mesh=mesh, monitor=monitor,
+                                   behaviour=args.behaviour)
+        if turn is not None:  # GET /turn-credentials
+            from bubble_ref.calls import TurnCredentials
+            node.add(TurnCredentials(node, turn))
     except (ValueError, OSError) as e:
         print(f"bubble-ref node: {e}", file=sys.stderr)
         return 2
     node.url = args.public_url or (f"http://{args.host}:{args.port}" if args.port and args.host not in ("0.0.0.0", "::")
                                    else None)
-    app = create_app(node)
-    node.add_routes(app)  # mesh and monitoring routes
-    if args.turn_url:  # voice calls (notebook 11b): short-lived TURN credentials at GET /turn-credentials
-        from bubble_ref.calls import add_turn_routes, load_turn_config
-        try:
-            add_turn_routes(app, node, load_turn_config(args.turn_url, args.turn_secret_file, args.turn_cert))
-        except (ValueError, OSError) as e:
-            node.close()
-            print(f"bubble-ref node: {e}", file=sys.stderr)
-            return 2
-    workers = node.start_workers()
     run_node(node, args.host, args.port, threads=args.threads, announce=lambda text: print(text, flush=True),
-             app=app, on_stop=workers.halt)
+             data_dir=args.data_dir)
     return 0
 
+# %% ../notebooks/90_cli.ipynb #fe85a4a8
+def _probe(url: str) -> str | None:
+    "None if `url` answers 200, else why not (for the person waiting)."
+    import requests
 
-def _answers(url: str) -> bool:
     try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
+        response = requests.get(url, timeout=5)
+    except requests.ConnectionError:
+        return "not listening yet (connection refused)"
+    except requests.Timeout:
+        return "listening, but no answer within 5 s (busy)"
+    except requests.RequestException as e:
+        return f"{type(e).__name__}: {e}"
+    return None if response.status_code == 200 else f"answered {response.status_code}"
 
 
+def _log_tail(path: Path, lines: int = 5) -> str:
+    text = path.read_text("utf-8", errors="replace").strip() if path.exists() else ""
+    if not text:
+        return "its log is empty: it has not finished starting Python and its modules yet"
+    return "last log lines:\n      " + "\n      ".join(text.splitlines()[-lines:])
+
+
+def wait_until_answering(names: list[str], urls: list[str], processes: list, logs: list[Path],
+                         timeout: float, say: Callable[[str], None], every: float = 5.0) -> list[str]:
+    "Poll each node's /status until all answer, one exits, or `timeout`; the problems found (empty: all up)."
+    started, waiting, last_progress = time.monotonic(), dict(zip(names, urls)), 0.0
+    why: dict[str, str] = {}
+    while waiting:
+        for name, url in list(waiting.items()):
+            problem = _probe(f"{url}/status")
+            if problem is None:
+                del waiting[name]
+            else:
+                why[name] = problem
+        exited = [(n, p.returncode) for n, p in zip(names, processes) if p.poll() is not None]
+        if exited:
+            return [f"{n} exited with code {code}; {_log_tail(logs[names.index(n)])}" for n, code in exited]
+        elapsed = time.monotonic() - started
+        if waiting and elapsed > timeout:
+            return [f"{n} did not answer /status within {timeout:.0f} s: {why[n]}; {_log_tail(logs[names.index(n)])}"
+                    for n in waiting]
+        if waiting and elapsed - last_progress >= every:
+            last_progress = elapsed
+            say(f"  waiting: {len(names) - len(waiting)} of {len(names)} nodes answer /status ({elapsed:.0f} s)")
+        if waiting:
+            time.sleep(0.2)
+    return []
+
+# %% ../notebooks/90_cli.ipynb #7ba35f8a
 def run_mesh_command(args: argparse.Namespace) -> int:
     "`bubble-ref mesh`: start N local nodes as subprocesses, print them, and stop them all on Ctrl-C."
+    from bubble_ref.mesh import build_topology, draw_topology, free_port
+
     try:
         links = build_topology(args.nodes, args.topology, args.degree, args.seed)
     except ValueError as e:
         print(f"bubble-ref mesh: {e}", file=sys.stderr)
         return 2
-    root = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="bubble-mesh-"))
-    ports = [args.base_port + i if args.base_port else free_port() for i in range(args.nodes)]
+    made_root = not args.data_dir
+    root = Path(tempfile.mkdtemp(prefix="bubble-mesh-")) if made_root else Path(args.data_dir).expanduser()
     names = [f"node-{i}" for i in range(args.nodes)]
-    script = Path(sys.executable).parent / "bubble-ref"
-    processes = []
+    processes: list[subprocess.Popen] = []
 
     def stop_all(*_):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop_all)
     try:
-        for i in range(args.nodes):
-            peers = [a for j in links[i] for a in ("--peer", f"http://127.0.0.1:{ports[j]}")]
-            log_file = open(root / f"{names[i]}.log", "ab")
-            root.joinpath(names[i]).mkdir(parents=True, exist_ok=True)
-            processes.append(subprocess.Popen(
-                [str(script), "node", "--host", "127.0.0.1", "--port", str(ports[i]), "--name", names[i],
-                 "--data-dir", str(root / names[i]), *peers], stdout=log_file, stderr=log_file))
-        print(f"bubble-ref mesh: {args.nodes} nodes ({args.topology}), data and logs in {root}")
-        for name, port in zip(names, ports):
-            print(f"  {name}: http://127.0.0.1:{port}")
-        print(draw_topology(links, names))
-        deadline = time.monotonic() + 60
-        waiting = [f"http://127.0.0.1:{port}/status" for port in ports]
-        while waiting and time.monotonic() < deadline and all(p.poll() is None for p in processes):
-            waiting = [url for url in waiting if not _answers(url)]
-            time.sleep(0.2)
-        print(f"all {args.nodes} nodes are up" if not waiting else f"{len(waiting)} nodes did not answer; see the logs")
-        print("Ctrl-C stops them all.", flush=True)
+        root.mkdir(parents=True, exist_ok=True)
+        ports = [args.base_port + i if args.base_port else free_port() for i in range(args.nodes)]
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        logs = [root / f"{name}.log" for name in names]
+        script = Path(sys.executable).parent / "bubble-ref"
+        for i, name in enumerate(names):
+            peers = [a for j in links[i] for a in ("--peer", urls[j])]
+            with open(logs[i], "ab") as log_file:  # the child keeps its own copy of the descriptor
+                processes.append(subprocess.Popen(
+                    [str(script), "node", "--host", "127.0.0.1", "--port", str(ports[i]), "--name", name,
+                     "--data-dir", str(root / name), *peers], stdout=log_file, stderr=log_file))
+        where = f"{root} (a temporary folder, removed when the mesh stops)" if made_root else str(root)
+        print(f"bubble-ref mesh: {args.nodes} nodes ({args.topology}), data and logs in {where}")
+        for name, url in zip(names, urls):
+            print(f"  {name}: {url}")
+        print(draw_topology(links, names), flush=True)
+        problems = wait_until_answering(names, urls, processes, logs, args.start_timeout,
+                                        lambda line: print(line, flush=True))
+        if problems:
+            print(f"bubble-ref mesh: {len(problems)} node(s) did not start:", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return 1
+        print(f"all {args.nodes} nodes are up. Ctrl-C stops them all.", flush=True)
         while all(p.poll() is None for p in processes):
             time.sleep(0.5)
-        print("bubble-ref mesh: a node exited; stopping the others", file=sys.stderr)
+        gone = [f"{n} (exit code {p.returncode})" for n, p in zip(names, processes) if p.poll() is not None]
+        print(f"bubble-ref mesh: {', '.join(gone)} exited; stopping the others", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0
+    except OSError as e:
+        print(f"bubble-ref mesh: {e}", file=sys.stderr)
+        return 2
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the shutdown
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for p in processes:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in processes:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        print("bubble-ref mesh: all nodes stopped", flush=True)
+        _stop_processes(processes)
+        if processes:
+            print("bubble-ref mesh: all nodes stopped", flush=True)
+        if made_root:
+            shutil.rmtree(root, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _stop_processes(processes: list, timeout: float = 30.0) -> None:
+    "SIGTERM to every process still running, then wait; SIGKILL what has not exited after `timeout`."
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in processes:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+# %% ../notebooks/90_cli.ipynb #3e5364bd
 def build_parser() -> argparse.ArgumentParser:
+    "The `bubble-ref` command and its subcommands (each subcommand's options are added by a function below)."
     parser = argparse.ArgumentParser(
         prog="bubble-ref", description="Purple Bubble reference implementation: tools and a demo.")
     parser.add_argument("--version", action="version", version=f"bubble-ref {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("demo", help="a short tour against a real node it starts and stops itself",
-                        description="Start a node on a free loopback port, post a sealed message from Alice, "
-                                    "let Bob fetch and open it, show a forged signature being refused, and "
-                                    "stop the node. Uses only 127.0.0.1.")
+    commands.add_parser("demo", help="a short tour against a 3-node mesh it starts and stops itself",
+                        description="Start a 3-node mesh (A — B — C) on free loopback ports; Alice and Bob "
+                                    "pick TX and RX servers by load; Alice's sealed message is flooded hop by "
+                                    "hop and Bob opens it; a forged signature is refused; the nodes are "
+                                    "stopped. Uses only 127.0.0.1.")
+    _add_node_parser(commands)
+    _add_mesh_parser(commands)
+    _add_sim_parser(commands)
+    _add_stun_parser(commands)
+    _add_bench_parser(commands)
+    return parser
+
+# %% ../notebooks/90_cli.ipynb #d2c38d95
+def _add_node_parser(commands) -> None:
     node = commands.add_parser("node", help="run a relay node (waitress + SQLite) until Ctrl-C or SIGTERM",
                                description="Serve the relay API (POST/GET /messages, GET /status, "
-                                           "GET /openapi.json) with waitress. The data directory holds the "
-                                           "server key (created on first start) and the SQLite mailbox.")
+                                           "GET /openapi.json), the mesh and monitoring with waitress. The data "
+                                           "directory holds the server key (created on first start) and the "
+                                           "SQLite mailbox.")
     node.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default: 127.0.0.1; use 0.0.0.0 to accept other machines)")
     node.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free port)")
     node.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                       help=f"where the server key and mailbox live (default: {DEFAULT_DATA_DIR})")
     node.add_argument("--name", default="bubble-ref node", help="a name shown in /status (default: bubble-ref node)")
-    node.add_argument("--proof-mode", choices=PROOF_MODES, default="spec",
+    node.add_argument("--proof-mode", choices=("spec", "hardened"), default="spec",
                       help="retrieval proofs: 'spec' accepts the seed's fixed phrase (replayable); "
                            "'hardened' requires proofs bound to this server and the time (default: spec)")
     node.add_argument("--max-packet-bytes", type=int, default=MAX_PACKET_BYTES,
@@ -271,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "at an fsync per message (default: normal)")
     node.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                       help="log verbosity; INFO logs one line per request (default: INFO)")
+    _add_mesh_options(node)
+    _add_monitor_options(node)
+    _add_turn_options(node)
+
+
+def _add_mesh_options(node) -> None:
     node.add_argument("--peer", action="append", default=[], metavar="URL",
                       help="another node to exchange packets with (repeatable); links must be listed on both "
                            "sides, e.g. --peer http://127.0.0.1:8001")
@@ -279,26 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--sync-interval", type=float, default=10.0, metavar="SECONDS",
                       help="how often to reconcile packets with a random peer (anti-entropy; default: 10)")
     node.add_argument("--discover", action="store_true",
-                      help="also peer with the servers that peers' server lists name (every --sync-interval)")
+                      help="also peer with the servers that peers' server lists name")
     node.add_argument("--public-url", default=None, metavar="URL",
                       help="the URL other servers reach this node at, listed in its server list "
                            "(default: http://HOST:PORT when both are explicit)")
+    node.add_argument("--directory-interval", type=float, default=10.0, metavar="SECONDS",
+                      help="how often to ask known servers for their server lists (default: 10)")
+
+
+def _add_monitor_options(node) -> None:
     node.add_argument("--audit-interval", type=float, default=60.0, metavar="SECONDS",
                       help="mean time between two audits of another server (default: 60; 0 turns audits off)")
     node.add_argument("--audit-deadline", type=float, default=2.0, metavar="SECONDS",
                       help="how long an audited server has to relay the audit packet (default: 2; must be "
                            "shorter than --sync-interval)")
-    node.add_argument("--directory-interval", type=float, default=10.0, metavar="SECONDS",
-                      help="how often to ask known servers for their server lists (default: 10)")
     node.add_argument("--behaviour", choices=["honest", "drop", "selective"], default="honest",
                       help="misbehave on purpose, for experiments and workshops: 'drop' relays nothing, "
                            "'selective' relays nothing for half of all recipients (default: honest)")
-    node.add_argument("--turn-url", action="append", default=[], metavar="URL",
-                      help="a TURN server for voice calls, e.g. turns:127.0.0.1:5349?transport=tcp; clients that prove "
-                           "their key get short-lived credentials for it at GET /turn-credentials (repeatable)")
-    node.add_argument("--turn-secret-file", type=Path, metavar="FILE",
-                      help="the secret shared with the TURN server (coturn's static-auth-secret); needed with --turn-url")
-    node.add_argument("--turn-cert", type=Path, metavar="PEM", help="the TURN server's certificate, handed to clients to pin")
+
+# %% ../notebooks/90_cli.ipynb #c6aba9a2
+def _add_mesh_parser(commands) -> None:
     mesh = commands.add_parser("mesh", help="start N local nodes joined as a line, a ring or a random graph",
                                description="Start N bubble-ref nodes on loopback, each with its own data "
                                            "directory and log, linked as the topology says; print their URLs "
@@ -310,7 +396,31 @@ def build_parser() -> argparse.ArgumentParser:
     mesh.add_argument("--seed", type=int, default=0, help="random seed for --topology random (default: 0)")
     mesh.add_argument("--base-port", type=int, default=0,
                       help="first port; node i listens on base+i (default: free ports)")
-    mesh.add_argument("--data-dir", default=None, help="where the nodes keep their data (default: a new temp dir)")
+    mesh.add_argument("--data-dir", default=None,
+                      help="where the nodes keep their data and logs; created if missing (default: a new "
+                           "temporary folder, removed when the mesh stops)")
+    mesh.add_argument("--start-timeout", type=float, default=300.0, metavar="SECONDS",
+                      help="how long to wait for every node to answer /status (default: 300)")
+
+
+def _add_sim_parser(commands) -> None:
+    sim = commands.add_parser("sim", help="the simulator: run the real node classes on a simulated network",
+                              description="Deterministic simulation of real nodes (notebooks 06b and 09d).")
+    tools = sim.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    swarm = tools.add_parser("swarm", help="random meshes, traffic, faults and misbehaviour, checked for invariants",
+                             description="Run the swarm tester: each seed draws a mesh of 5-9 full nodes, client "
+                                         "traffic, faults (loss, crashes, partitions, slow hosts) and misbehaviour "
+                                         "(droppers, colluders), runs it on the real node classes, and checks the "
+                                         "invariants. A violation prints its seed; --seed S replays exactly that run.")
+    swarm.add_argument("--seeds", type=int, default=20, help="how many seeds to run (default: 20)")
+    swarm.add_argument("--first", type=int, default=0, help="the first seed (default: 0)")
+    swarm.add_argument("--seed", type=int, default=None, help="run this one seed only, and describe it")
+    swarm.add_argument("--trace", action="store_true", help="with --seed: print every event of the run")
+    swarm.add_argument("--diagram", default=None, metavar="PNG",
+                       help="with --seed: draw the requests of the run's last simulated minute as a sequence diagram")
+
+# %% ../notebooks/90_cli.ipynb #f8ea1c8f
+def _add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="benchmarks, printed as ratios against a baseline measured in the same run")
     targets = bench.add_subparsers(dest="target", required=True, metavar="TARGET")
     crypto = targets.add_parser("crypto", help="seal and open rate against the RSA-2048 bound",
@@ -336,22 +446,48 @@ def build_parser() -> argparse.ArgumentParser:
     store_bench.add_argument("--recipients", type=int, default=10_000, help="recipients (default: 10000)")
     store_bench.add_argument("--fetches", type=int, default=1000, help="fetches to time (default: 1000)")
     store_bench.add_argument("--dir", default=None, help="where to put the temporary database (default: system temp)")
-    mesh_bench = targets.add_parser("mesh", help="broadcast strategies in the simulator; a real 5-node line",
-                                    description="Simulate 25 nodes with 100 ms links and compare flooding, gossip "
-                                                "and plumtree (messages per broadcast, median/max latency, "
-                                                "delivery; clean, one dropping node, 10%% loss); then time "
-                                                "POST-to-retrievable across a real line of node processes.")
-    mesh_bench.add_argument("--broadcasts", type=int, default=100, help="simulated broadcasts (default: 100)")
+    mesh_bench = targets.add_parser("mesh", help="flooding on the real classes, simulated and live; the models beside",
+                                    description="Flood packets through N real nodes in the simulator (clean, one "
+                                                "silent dropper, 10% loss): payload sends per message per node, "
+                                                "delivery and latency; then POST-to-retrievable across a real line "
+                                                "of node processes; and, labelled as models, the strategy lab.")
+    mesh_bench.add_argument("--nodes", type=int, default=25, help="simulated real nodes (default: 25)")
+    mesh_bench.add_argument("--broadcasts", type=int, default=20, help="packets per simulated condition (default: 20)")
     mesh_bench.add_argument("--live-messages", type=int, default=50, help="packets sent along the real line (default: 50)")
     mesh_bench.add_argument("--live-nodes", type=int, default=5, help="nodes in the real line (default: 5)")
     monitoring_bench = targets.add_parser(
-        "monitoring", help="audit rounds until droppers are blacklisted; wrong blacklistings; colluders",
-        description="Simulate monitoring on seeded 25-node networks: rounds until a silent and a selective dropper "
-                    "are blacklisted, honest nodes wrongly blacklisted, and whether 12 colluders can blacklist an "
-                    "honest node.")
-    monitoring_bench.add_argument("--seeds", type=int, default=20, help="simulated networks (default: 20)")
-    monitoring_bench.add_argument("--rounds", type=int, default=8, help="audit rounds per network (default: 8)")
-    monitoring_bench.add_argument("--loss", type=float, default=0.1, help="link loss rate (default: 0.1)")
+        "monitoring", help="seconds until droppers are blacklisted; wrong blacklistings; colluders (real classes)",
+        description="Run monitoring on seeded simulated meshes of real nodes: time until a silent and a selective "
+                    "dropper are blacklisted by every honest node, honest nodes wrongly blacklisted, and whether "
+                    "a colluding minority can blacklist an honest node.")
+    monitoring_bench.add_argument("--seeds", type=int, default=5, help="simulated meshes per experiment (default: 5)")
+    monitoring_bench.add_argument("--nodes", type=int, default=15, help="nodes per mesh (default: 15)")
+    monitoring_bench.add_argument("--loss", type=float, default=0.1, help="request and answer loss rate (default: 0.1)")
+    _add_calls_bench_parser(targets)
+
+# %% ../notebooks/90_cli.ipynb #c411a7b3
+# ---- voice calls (notebooks 11a and 11b): the node's TURN options, `bubble-ref stun`, `bench calls` (begin) ----
+def _add_turn_options(node) -> None:
+    node.add_argument("--turn-url", action="append", default=[], metavar="URL",
+                      help="a TURN server for voice calls, e.g. turns:127.0.0.1:5349?transport=tcp; clients that "
+                           "prove their key get short-lived credentials for it at GET /turn-credentials (repeatable)")
+    node.add_argument("--turn-secret-file", type=Path, metavar="FILE",
+                      help="the secret shared with the TURN server (coturn's static-auth-secret); needed with --turn-url")
+    node.add_argument("--turn-cert", type=Path, metavar="PEM", help="the TURN server's certificate, handed to clients to pin")
+
+
+def _turn_config(args: argparse.Namespace):
+    "The TURN server `bubble-ref node` hands out credentials for, or None without --turn-url; ValueError if unusable."
+    if not args.turn_url:
+        if args.turn_secret_file or args.turn_cert:
+            raise ValueError("--turn-secret-file and --turn-cert go with --turn-url (the TURN server's URL)")
+        return None
+    from bubble_ref.calls import load_turn_config
+
+    return load_turn_config(args.turn_url, args.turn_secret_file, args.turn_cert)
+
+
+def _add_stun_parser(commands) -> None:
     stun = commands.add_parser("stun", help="a STUN server over UDP, and over TLS (encrypted STUN)",
                                description="Answer STUN Binding requests over UDP and, with --tls-port, over TLS. "
                                            "Without --cert a self-signed certificate is made at start and its "
@@ -361,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     stun.add_argument("--tls-port", type=int, default=None, help="TLS port, e.g. 5349 (default: no TLS)")
     stun.add_argument("--cert", default=None, help="PEM certificate for TLS (default: self-signed, made at start)")
     stun.add_argument("--key", default=None, help="PEM private key of --cert")
+
+
+def _add_calls_bench_parser(targets) -> None:
     calls_bench = targets.add_parser(
         "calls", help="voice calls over a live mesh and coturn: invite to connected, audio frames lost",
         description="Place N audio calls between two clients over a live 3-node mesh (signalling) and coturn over "
@@ -369,7 +508,50 @@ def build_parser() -> argparse.ArgumentParser:
     calls_bench.add_argument("-n", "--calls", type=int, default=20, help="calls to place (default: 20)")
     calls_bench.add_argument("--mode", choices=["relay", "direct"], default="relay",
                              help="relay: through TURN over TLS; direct: host candidates (default: relay)")
-    return parser
+# ---- voice calls (end) ----
+
+# %% ../notebooks/90_cli.ipynb #b7a5e5f8
+def _run_bench(args: argparse.Namespace) -> str:
+    "Run one `bubble-ref bench TARGET` and return what it prints (each target imports only what it needs)."
+    from bubble_ref import bench
+
+    if args.target == "crypto":
+        return bench.format_crypto_bench(bench.bench_crypto(args.count, args.size, args.rounds))
+    if args.target == "node":
+        return bench.format_node_bench(bench.bench_node(args.count, args.clients, args.threads, fetches=args.fetches))
+    if args.target == "store":
+        return bench.format_store_bench(bench.bench_store(args.packets, args.recipients, args.fetches, args.dir))
+    if args.target == "mesh":
+        return bench.format_mesh_bench(bench.bench_mesh(args.nodes, args.broadcasts, args.live_messages,
+                                                        args.live_nodes))
+    return bench.format_monitoring_bench(bench.bench_monitoring(args.seeds, args.nodes, args.loss))
+
+
+def run_sim_command(args: argparse.Namespace) -> int:
+    "`bubble-ref sim swarm`: many seeds and a summary, or one seed described (and traced)."
+    from bubble_ref import swarm
+
+    if args.seed is None:
+        report = swarm.swarm(range(args.first, args.first + args.seeds))
+        print(swarm.format_swarm(report))
+        return 1 if report.violations else 0
+    run = swarm.run_scenario(swarm.make_scenario(args.seed), trace=bool(args.trace or args.diagram))
+    print(swarm.describe_run(run))
+    if args.trace:
+        for e in run.trace:
+            print(f"{e.at:10.3f}  {e.kind:8} {e.src:>6} -> {e.dst:<6} {e.what}" + (f"  {e.status}" if e.status else ""))
+    if args.diagram:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from bubble_ref.sim import draw_sequence
+
+        last = max(e.at for e in run.trace)
+        ax = draw_sequence([e for e in run.trace if e.at >= last - 60][:80], list(run.scenario.names),
+                           f"seed {args.seed}: the last simulated minute")
+        ax.figure.savefig(args.diagram, dpi=100, bbox_inches="tight")
+        print(f"sequence diagram written to {args.diagram}")
+    return 1 if run.violations else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,24 +563,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_node_command(args)
     if args.command == "mesh":
         return run_mesh_command(args)
-    if args.command == "stun":
+    if args.command == "sim":
+        return run_sim_command(args)
+    if args.command == "stun":  # notebook 11a
         from bubble_ref.stun import run_stun_command
         return run_stun_command(args)
-    if args.command == "bench" and args.target == "calls":
+    if args.command == "bench" and args.target == "calls":  # notebook 11b: aiortc and coturn
         from bubble_ref.calls import run_calls_bench
         return run_calls_bench(args)
     if args.command == "bench":
-        runs = {"crypto": lambda: format_crypto_bench(bench_crypto(args.count, args.size, args.rounds)),
-                "node": lambda: format_node_bench(bench_node(args.count, args.clients, args.threads,
-                                                             fetches=args.fetches)),
-                "store": lambda: format_store_bench(bench_store(args.packets, args.recipients, args.fetches,
-                                                                args.dir)),
-                "mesh": lambda: format_mesh_bench(bench_mesh(args.broadcasts, args.live_messages, args.live_nodes)),
-                "monitoring": lambda: format_monitoring_bench(bench_monitoring(args.seeds, rounds=args.rounds,
-                                                                               loss=args.loss))}
         try:
-            print(runs[args.target]())
-        except (ValueError, CryptoError) as e:  # bad numbers, or content beyond the largest bucket
+            print(_run_bench(args))
+        except ValueError as e:  # bad numbers, or content beyond the largest bucket (CryptoError is a ValueError)
             print(f"bubble-ref bench {args.target}: {e}", file=sys.stderr)
             return 2
         return 0

@@ -12,11 +12,10 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonschema
 
 from .crypto import KeyRejected, PublicKey, load_public_key
-from .packets import FORMAT_CHECKER, SCHEMA_BASE, Clock, PacketError, format_timestamp, parse_json, system_clock
-from .packets import _PRIORITY, _describe  # card errors worded exactly like packet errors
+from .packets import (
+    SCHEMA_BASE, Clock, PacketError, check_compiled, compile_schema, format_timestamp, parse_json, system_clock)
 
 # %% auto #0
 __all__ = ['NAME_MAX_CHARS', 'PICTURE_MAX_BYTES', 'PNG_MAGIC', 'JPEG_MAGIC', 'SHORT_ID_CHARS', 'NAME_PATTERN', 'CARD_TYPE',
@@ -137,8 +136,7 @@ CONTACT_CARD_SCHEMA = {
     "required": ["type", "name", "public_key"],
     "additionalProperties": False,
 }
-jsonschema.Draft202012Validator.check_schema(CONTACT_CARD_SCHEMA)
-CARD_VALIDATOR = jsonschema.Draft202012Validator(CONTACT_CARD_SCHEMA, format_checker=FORMAT_CHECKER)
+CARD_VALIDATOR = compile_schema(CONTACT_CARD_SCHEMA, CARD_TYPE)  # worded exactly like packet errors (notebook 01)
 
 
 def card_dict(contact: Contact) -> dict:
@@ -204,13 +202,11 @@ def import_card(source: str | bytes | Path, label: str | None = None) -> Contact
         data = parse_json(CARD_TYPE, text, max_bytes=MAX_CARD_BYTES)
     except PacketError as e:
         raise ContactError(f"{where}: {e.reason}") from None
-    errors = list(CARD_VALIDATOR.iter_errors(data))
-    if errors:
-        first = min(errors, key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path)),
-                                           _PRIORITY.get(e.validator, 50)))
-        path, reason = _describe(first)
-        field = path.strip("/")
-        raise ContactError(f"{where}: {field}: {reason}" if field else f"{where}: {reason}")
+    try:
+        check_compiled(CARD_VALIDATOR, CARD_TYPE, data)
+    except PacketError as e:
+        field = e.path.strip("/")
+        raise ContactError(f"{where}: {field}: {e.reason}" if field else f"{where}: {e.reason}") from None
     try:
         key = load_public_key(data["public_key"], "public_key")
     except KeyRejected as e:

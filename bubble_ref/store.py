@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -93,37 +92,21 @@ class Mailbox:
             raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
         self.path, self.clock, self.retention = Path(path), clock, retention
         self.max_packet_bytes, self.page_size, self.synchronous = max_packet_bytes, page_size, synchronous.upper()
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        # check_same_thread=False: the caller's driver may hand the node from thread to thread, one at a time
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA page_size=16384")  # takes effect when the file is created
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.execute("PRAGMA secure_delete=FAST")  # set explicitly: distributions compile different defaults
         self._db.executescript(SCHEMA)
 
-    @property
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            db.execute("PRAGMA page_size=16384")  # takes effect when the file is created
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self.synchronous}")
-            db.execute("PRAGMA busy_timeout=30000")
-            db.execute("PRAGMA secure_delete=FAST")  # set explicitly: distributions compile different defaults
-            self._local.db = db
-            with self._lock:
-                self._connections.append(db)
-        return db
-
     def connection(self) -> sqlite3.Connection:
-        "This thread's connection to the mailbox database (other tables may live beside `messages`)."
+        "The connection to the mailbox database (the mesh keeps its own tables beside `messages`)."
         return self._db
 
     def close(self) -> None:
-        "Close every connection this mailbox opened."
-        with self._lock:
-            for db in self._connections:
-                db.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self._db.close()
 
     def store(self, packet_id: str, recipient_id: str, packet: str, expires_at: datetime | None = None,
               on_new: Callable[[sqlite3.Connection, StoredPacket], None] | None = None) -> tuple[StoredPacket, bool]:
@@ -199,19 +182,24 @@ class Mailbox:
 
     def sweep(self, batch: int = 50_000) -> int:
         "Delete every expired packet, a batch per transaction so writers never wait long; returns how many left."
-        now, removed, db = to_millis(self.clock()), 0, self._db
+        removed = 0
+        while True:
+            deleted = self.sweep_batch(batch)
+            removed += deleted
+            if deleted < batch:
+                return removed
+
+    def sweep_batch(self, batch: int = 50_000) -> int:
+        "Delete up to `batch` expired packets in one transaction; how many went (fewer than `batch`: done)."
+        db = self._db
         # Deleting random ids touches pages all over the id indexes; a large page cache while
         # sweeping keeps them in memory between batches (this connection only, then back).
         default_cache = db.execute("PRAGMA cache_size").fetchone()[0]
         db.execute(f"PRAGMA cache_size={-SWEEP_CACHE_KIB}")
         try:
-            while True:
-                deleted = db.execute(
-                    "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE expires_at <= ? LIMIT ?)",
-                    (now, batch)).rowcount
-                removed += deleted
-                if deleted < batch:
-                    return removed
+            return db.execute(
+                "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE expires_at <= ? ORDER BY seq LIMIT ?)",
+                (to_millis(self.clock()), batch)).rowcount
         finally:
             db.execute(f"PRAGMA cache_size={default_cache}")
 
@@ -221,6 +209,12 @@ class Mailbox:
 
     def contains(self, packet_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM messages WHERE packet_id = ?", (_id(packet_id),)).fetchone() is not None
+
+    def get(self, packet_id: str) -> StoredPacket | None:
+        "The stored row of one packet, if it is here and has not expired."
+        row = self._db.execute("SELECT seq, packet_id, recipient_id, packet, received_at, expires_at FROM messages "
+                               "WHERE packet_id = ? AND expires_at > ?", (_id(packet_id), to_millis(self.clock()))).fetchone()
+        return _row(row) if row else None
 
 
 def parse_cursor(cursor: str | None) -> int:

@@ -3,17 +3,27 @@
 # %% ../notebooks/08b_ui.ipynb #4874efcd
 from __future__ import annotations
 
+import contextlib
 import html
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import ipywidgets as widgets
 
-from .client import Client, ClientError, HistoryEntry
+from .client import Client, HistoryEntry
 from .contacts import Contact, ContactBook, ContactError
 
+log = logging.getLogger("bubble_ref.ui")
+
 # %% auto #0
-__all__ = ['ChatLine', 'ChatSession', 'ChatWidget']
+__all__ = ['log', 'REFUSALS', 'STOPPED', 'ChatLine', 'ChatSession', 'describe_error', 'Poller', 'ChatWidget', 'scratch_folder']
 
 # %% ../notebooks/08b_ui.ipynb #f2ca0f41
 @dataclass(frozen=True)
@@ -74,12 +84,76 @@ class ChatSession:
                 counts[name] = counts.get(name, 0) + 1
         return counts
 
+# %% ../notebooks/08b_ui.ipynb #a7c0e5d2
+# ---- listeners for what a poll fetched (the call panel of notebook 11b listens) (begin) ----
+from fastcore.basics import patch
+
+
+@patch
+def add_listener(self: ChatSession, listener: Callable[[list[HistoryEntry]], object]) -> None:
+    "Call `listener(new entries)` after every poll of this session that fetched something."
+    vars(self).setdefault("listeners", []).append(listener)
+
+
+@patch
+def poll(self: ChatSession) -> list[HistoryEntry]:
+    "Fetch new messages; returns them (from anyone), after handing them to every listener."
+    with self._lock:
+        entries = self.client.poll()
+    if entries:
+        for listener in vars(self).get("listeners", []):
+            listener(entries)  # outside the lock: a listener may use the session
+    return entries
+# ---- listeners (end) ----
+
+# %% ../notebooks/08b_ui.ipynb #1962fa41
+REFUSALS = (ValueError, ContactError)  # the user's input was refused: the message alone says what to fix
+
+
+def describe_error(doing: str, error: BaseException) -> str:
+    "One status line: what failed, and why (with the exception's type, unless it is a plain refusal)."
+    if isinstance(error, REFUSALS):
+        return f"{doing}: {error}"
+    return f"{doing}: {type(error).__name__}: {error}"
+
+# %% ../notebooks/08b_ui.ipynb #31836101
+class Poller:
+    "Call `tick` every `every` seconds on a background thread until `stop` (a live window's heartbeat)."
+
+    def __init__(self, tick: Callable[[], object], every: float = 1.0, name: str = "poller"):
+        self.tick, self.every, self.name = tick, every, name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if not self.running:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, daemon=True, name=self.name)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self.tick()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        "Stop, and wait (up to `timeout` s) for a tick under way to finish."
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
 # %% ../notebooks/08b_ui.ipynb #33dc6f7c
+STOPPED = "chat stopped"
+
+
 class ChatWidget:
-    "A small ipywidgets chat window over a ChatSession."
+    "A small ipywidgets chat window over a ChatSession; no error in its handlers passes unseen."
 
     def __init__(self, session: ChatSession, title: str):
-        self.session = session
+        self.session, self.title = session, title
         names = [c.name for c in session.contacts.all()]
         self.contacts = widgets.Dropdown(options=names, value=names[0] if names else None, description="to")
         self.picture = widgets.Image(format="png", width=48, height=48)
@@ -88,32 +162,54 @@ class ChatWidget:
         self.send_button = widgets.Button(description="send", button_style="primary")
         self.status = widgets.Label()
         self.send_button.on_click(lambda _: self.send())
-        self.contacts.observe(lambda _: self.redraw(), names="value")
+        self.contacts.observe(lambda _: self.refresh(), names="value")
         self.box = widgets.VBox([widgets.HTML(f"<b>{html.escape(title)}</b>"),
                                  widgets.HBox([self.picture, self.contacts]), self.transcript,
                                  widgets.HBox([self.text, self.send_button]), self.status])
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        for part, role in [(self.box, "chat"), (self.transcript, "transcript"), (self.text, "text"),
+                           (self.send_button, "send"), (self.status, "status")]:
+            part.add_class(f"bubble-{role}")  # stable names for styling and for the browser tests
+        self.stopped = False
+        self.poller: Poller | None = None
+        self._last_logged = ""
         self.redraw()
 
     def send(self) -> None:
+        "The send button. Never raises: a refusal or an error shows in the status line."
+        if self.stopped:
+            self.status.value = f"not sent: {STOPPED} (run the notebook again for a new chat)"
+            return
         try:
             self.session.send(self.contacts.value, self.text.value)
-            self.text.value = ""
-            self.redraw()
-        except (ValueError, ClientError) as e:
-            self.redraw()
-            self.status.value = f"not sent: {e}"  # after the redraw, so it stays visible
+        except Exception as error:
+            self.show_error("not sent", error)
+            return
+        self.text.value = ""
+        self.refresh()
 
     def poll_once(self) -> int:
-        "Fetch new messages and redraw; how many arrived."
+        "Fetch new messages and redraw; how many arrived (0 after an error, which the status line shows)."
+        if self.stopped:
+            return 0
         try:
             new = self.session.poll()
-        except ClientError as e:
-            self.status.value = f"cannot fetch: {e}"
+        except Exception as error:
+            if not self.stopped:  # a poll under way while the chat stopped is no news
+                self.show_error("cannot fetch", error)
             return 0
-        self.redraw()
+        self.refresh()
         return len(new)
+
+    def refresh(self) -> None:
+        "`redraw` for handlers: an error shows in the status line instead of escaping."
+        if self.stopped:
+            return
+        try:
+            self.redraw()
+        except Exception as error:
+            self.show_error("cannot show the chat", error)
+        else:
+            self._last_logged = ""  # all well again: the next error is news
 
     def redraw(self) -> None:
         name = self.contacts.value
@@ -128,17 +224,50 @@ class ChatWidget:
         others = {k: v for k, v in self.session.unread().items() if k != name}
         self.status.value = ", ".join(f"{n}: {c} new" for n, c in sorted(others.items()))
 
+    def show_error(self, doing: str, error: Exception) -> None:
+        "Show `error` in the status line, and log it (once while it repeats: the poller retries every second)."
+        self.status.value = describe_error(doing, error)
+        if isinstance(error, REFUSALS):
+            log.info("%s: %s", self.title, self.status.value)
+        elif self.status.value != self._last_logged:
+            log.error("%s: %s", self.title, self.status.value, exc_info=error)
+        self._last_logged = self.status.value
+
     def start_polling(self, every: float = 1.0) -> None:
         "Poll in the background while the widget is shown, so new messages appear by themselves."
-        self._stop.clear()
-        self._poller = threading.Thread(target=self._poll_loop, args=(every,), daemon=True, name="chat-poller")
-        self._poller.start()
-
-    def _poll_loop(self, every: float) -> None:
-        while not self._stop.wait(every):
-            self.poll_once()
+        self.stop_polling()
+        self.poller = Poller(self.poll_once, every, name=f"chat poller: {self.title}")
+        self.poller.start()
 
     def stop_polling(self) -> None:
-        self._stop.set()
-        if self._poller is not None:
-            self._poller.join(timeout=5)
+        if self.poller is not None:
+            self.poller.stop()
+
+    def stop(self, reason: str = STOPPED) -> None:
+        "Stop for good: no more polling, and the handlers no longer touch the session (it may be closed next)."
+        self.stopped = True
+        self.stop_polling()
+        self.status.value = reason
+
+# %% ../notebooks/08b_ui.ipynb #14edb764
+# The watcher: block until the pipe from its parent closes (the parent ended, however it ended), then remove.
+_WATCHER = "import shutil, sys; sys.stdin.buffer.read(); shutil.rmtree(sys.argv[1], ignore_errors=True)"
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str, parent: str | Path | None = None) -> Iterator[Path]:
+    """A temporary folder, removed when the `with` ends, or, if this process is killed first, just after it dies.
+
+    `tempfile.TemporaryDirectory` and `atexit` need Python to run at the end; after SIGKILL nothing runs.
+    So a tiny watcher process holds the read end of a pipe whose write end only we hold: when we die, the
+    OS closes it and the watcher removes the folder. It runs in its own session, so a signal sent to our
+    process group (how Jupyter interrupts and kills kernels) does not reach it."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(folder)], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        watcher.stdin.close()  # the watcher finds nothing left to remove, and ends
+        watcher.wait(timeout=30)

@@ -15,22 +15,32 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import requests
 
 BUBBLE_REF = Path(sys.executable).parent / "bubble-ref"
-START_TIMEOUT = 20.0  # seconds to wait for the announce line
+START_TIMEOUT = 180.0  # seconds to wait for the announce line: generous, we wait on the OS (CI shares 2 cores)
 STOP_TIMEOUT = 15.0  # seconds to wait for a clean exit after SIGTERM
 HTTP_TIMEOUT = 10.0  # seconds, every request the tests make
 JSON = {"Content-Type": "application/json"}
 
-ANNOUNCE = re.compile(r"bubble-ref node '(?P<name>[^']*)' serving on (?P<url>http://127\.0\.0\.1:(?P<port>\d+)) "
+ANNOUNCE = re.compile(r"bubble-ref node (?:'(?P<name>[^']*)' )?serving on (?P<url>http://127\.0\.0\.1:(?P<port>\d+)) "
                       r"\(server id (?P<short_id>[0-9a-f]{16})…, proof mode (?P<mode>spec|hardened)\)")
 
 
 class NodeStartError(RuntimeError):
     "The node process exited, or did not announce itself in time."
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    "CPU time (user + system) a live process has used, from /proc; None where /proc is not available."
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class NodeProcess:
@@ -66,16 +76,24 @@ class NodeProcess:
         self._reader = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True,
                                         name=f"stdout of node {self.name}")
         self._reader.start()
+        started = time.monotonic()
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
+            cpu = _cpu_seconds(self.proc.pid)
+            doing = ("still importing Python modules (it had not logged anything yet)" if not self.stderr().strip()
+                     else f"its last log line: {self.stderr().strip().splitlines()[-1]}")
             self.kill()
-            raise NodeStartError(f"node {self.name!r} did not announce itself within {timeout} s; "
-                                 f"stderr: {self.stderr()[-2000:]}") from None
+            raise NodeStartError(
+                f"node {self.name!r} (pid {self.proc.pid}) did not announce itself within {timeout:.0f} s; it had "
+                f"used {cpu if cpu is not None else '?'} s of CPU and was {doing}. Command: {' '.join(self.command)}; "
+                f"full stderr: {self.stderr()[-2000:]!r}") from None
         if line is None:
+            self.proc.wait(timeout=STOP_TIMEOUT)
             self.kill()
-            raise NodeStartError(f"node {self.name!r} exited with {self.proc.returncode} before announcing; "
-                                 f"stderr: {self.stderr()[-2000:]}")
+            raise NodeStartError(f"node {self.name!r} exited with code {self.proc.returncode} "
+                                 f"{time.monotonic() - started:.1f} s after starting, before announcing. Command: "
+                                 f"{' '.join(self.command)}; stderr: {self.stderr()[-2000:]}")
         self.announce = line.rstrip("\n")
         match = ANNOUNCE.fullmatch(self.announce)
         if match is None:

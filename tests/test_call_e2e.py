@@ -18,8 +18,7 @@ from bubble_ref.crypto import Identity
 from bubble_ref.envelope import make_retrieval_proof
 from bubble_ref.mesh import free_port
 from nodes import assert_error
-from test_mesh import Launcher, MeshProcess, wait_until
-from turn_support import require_turnserver
+from turn_support import PeeredNodeProcess, require_turnserver, start_all, wait_until
 
 
 @pytest.fixture
@@ -39,18 +38,18 @@ def turn_mesh(tmp_path, coturn):
     secret.write_bytes(coturn.secret)
     cert, _ = coturn.certificate.write(tmp_path / "turn-cert")
     turn_args = ("--turn-url", coturn.uri(), "--turn-secret-file", str(secret), "--turn-cert", str(cert))
-    launch = Launcher(tmp_path)
     ports = [free_port() for _ in range(3)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    procs = [MeshProcess(tmp_path / f"n{i}", f"n{i}", ports[i], [u for j, u in enumerate(urls) if j != i],
-                         *turn_args) for i in range(3)]
+    procs = [PeeredNodeProcess(tmp_path / f"n{i}", f"n{i}", ports[i], [u for j, u in enumerate(urls) if j != i],
+                               *turn_args) for i in range(3)]
     try:
-        launch.start(*procs)
+        start_all(procs)
         wait_until(lambda: all(requests.get(f"{u}/status", timeout=5).json()["known_peers"] == 2 for u in urls),
                    "every node knows its two peers")
         yield urls
     finally:
-        launch.stop_all()
+        for proc in procs:
+            proc.stop()  # SIGTERM, then SIGKILL if it does not exit in time; a no-op if it never started
 
 
 def ready_client(tmp_path, name, urls) -> Client:
@@ -138,6 +137,9 @@ def test_a_node_with_a_turn_url_but_no_usable_secret_refuses_to_start(tmp_path, 
     (tmp_path / "secret").write_text("0123456789abcdef0123")
     assert main(base[:-1] + ["stun:127.0.0.1:3478", "--turn-secret-file", str(tmp_path / "secret")]) == 2
     assert "turns:HOST:PORT" in capsys.readouterr().err
+    no_url = base[:-2] + ["--turn-secret-file", str(tmp_path / "secret")]
+    assert main(no_url) == 2 and "go with --turn-url" in capsys.readouterr().err
+    assert not (tmp_path / "node").exists()  # refused before the node's folder and key were made
 
 
 def test_bench_calls_reports_every_figure(capsys, tmp_path, monkeypatch):

@@ -404,22 +404,34 @@ def test_the_limiter_allows_a_sliding_minute_per_key():
     assert len(limiter._issued) <= 2
 
 
+TURN = calls.TurnConfig(("turns:127.0.0.1:5349?transport=tcp",), b"0123456789abcdef0123",
+                        certificate_pem="-----BEGIN CERTIFICATE-----\n…\n", per_minute=2)
+
+
+def turn_node(data_dir, proof_mode: str = "spec", clock=None):
+    "A relay node (notebook 05a) with the TurnCredentials role composed on it."
+    import random
+
+    from bubble_ref.node import NodeConfig, open_relay_node
+    from bubble_ref.packets import system_clock
+
+    node = open_relay_node(data_dir, clock=clock or system_clock, rng=random.Random(0),
+                           config=NodeConfig(proof_mode=proof_mode))
+    node.add(calls.TurnCredentials(node, TURN))
+    return node
+
+
 @pytest.fixture
 def turn_app(tmp_path):
-    "A node's Flask app with GET /turn-credentials, in spec or hardened proof mode."
-    from bubble_ref.node import Node, NodeConfig
+    "A node's Flask app (the real driver's, notebook 05b) with GET /turn-credentials, in spec or hardened mode."
     from bubble_ref.relay import create_app
 
     made = []
 
     def make(proof_mode: str = "spec"):
-        node = Node.open(tmp_path / proof_mode, config=NodeConfig(proof_mode=proof_mode))
+        node = turn_node(tmp_path / proof_mode, proof_mode)
         made.append(node)
-        turn = calls.TurnConfig(("turns:127.0.0.1:5349?transport=tcp",), b"0123456789abcdef0123",
-                                certificate_pem="-----BEGIN CERTIFICATE-----\n…\n", per_minute=2)
-        app = create_app(node)
-        calls.add_turn_routes(app, node, turn)
-        return node, app.test_client()
+        return node, create_app(node, node.on_request).test_client()
     yield make
     for node in made:
         node.close()
@@ -436,7 +448,7 @@ def test_turn_credentials_for_a_proven_key_and_clear_refusals(turn_app, alice):
     node, client = turn_app()
     proof = make_retrieval_proof(alice).to_dict()
     response = client.get("/turn-credentials", json=proof)
-    assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+    assert response.status_code == 200
     answer = response.get_json()
     assert answer["uris"] == ["turns:127.0.0.1:5349?transport=tcp"] and answer["ttl"] == 600
     assert re.fullmatch(r"\d{10}:[0-9a-f]{16}", answer["username"]) and alice.id not in answer["username"]
@@ -467,6 +479,28 @@ def test_turn_credentials_in_hardened_mode(turn_app, alice):
     elsewhere = prove(alice, server_id="0" * 64).to_dict()
     error_of(client.get("/turn-credentials", json=elsewhere), 401, "bad_proof")
 
+
+
+def test_the_role_is_sans_io_and_its_limit_runs_on_the_nodes_clock(tmp_path, alice):
+    "The role answers Requests without a server; the rate limit opens again after a minute of the injected clock."
+    from bubble_ref.node import Request
+
+    clock = ManualClock(datetime.now(timezone.utc))
+    node = turn_node(tmp_path / "node", clock=clock)
+    try:
+        body = json.dumps(make_retrieval_proof(alice).to_dict()).encode()
+        ask = lambda: node.on_request(Request("GET /turn-credentials", body))
+        assert [ask().status for _ in range(3)] == [200, 200, 429]
+        assert ask().body["error"] == "rate_limited"
+        clock.advance(timedelta(seconds=61))
+        reply = ask()
+        assert reply.status == 200 and reply.actions == ()
+        assert int(reply.body["username"].split(":")[0]) == int((clock() + TURN.ttl).timestamp())
+        assert "GET /turn-credentials" in {route.name for route in node.routes()}
+        with pytest.raises(ValueError, match="already has a role"):
+            node.add(calls.TurnCredentials(node, TURN))
+    finally:
+        node.close()
 
 # ------------------------------------------------------------------------- media, on loopback
 
@@ -596,3 +630,62 @@ def test_a_fingerprint_swapped_on_the_way_fails_the_call_for_both_phones():
     states = call_over(Channel(swap))
     assert states["bob"] == ("failed", "ICE or DTLS failed")  # Bob checks Alice's (swapped) fingerprint
     assert states["alice"][0] in ("failed", "ended") and "connected" not in {s for s, _ in states.values()}
+
+
+def test_a_session_tells_its_listeners_what_each_poll_fetched(tmp_path):
+    from bubble_ref.contacts import ContactBook
+    from bubble_ref.ui import ChatSession
+
+    channel = Channel()
+    book = ContactBook(tmp_path / "bob.contacts")
+    try:
+        session = ChatSession(channel.client("BOB"), book)
+        heard: list[list] = []
+        session.add_listener(heard.append)
+        assert session.poll() == [] and heard == []  # an empty poll tells no one
+        channel.client("ALICE").send("BOB", "hello")
+        entries = session.poll()
+        assert [e.content for e in entries] == ["hello"] and heard == [entries]
+    finally:
+        book.close()
+
+
+def test_a_phone_listening_to_a_chat_session_hears_every_poll_once(tmp_path):
+    "The chat's poller and the phone both poll one session; each call message reaches the phone exactly once."
+    from bubble_ref.contacts import ContactBook
+    from bubble_ref.ui import ChatSession, Poller
+
+    channel = Channel()
+    book = ContactBook(tmp_path / "bob.contacts")
+    session = ChatSession(channel.client("BOB"), book)
+    heard = []
+    session.add_listener(heard.extend)
+    chat_poller = Poller(session.poll, every=0.01, name="chat poller")
+
+    async def scenario():
+        alice = calls.Phone(channel.client("ALICE"), host="127.0.0.2", tone_hz=440).start(0.01)
+        bob = calls.Phone(session.client, host="127.0.0.3", tone_hz=660, auto_accept=True)
+        bob.listen_to(session)
+        bob.start(0.5)  # the phone's own polls are slow here: most messages come in through the chat's
+        chat_poller.start()
+        try:
+            call_id = await alice.call("BOB", mode="direct")
+            deadline = time.monotonic() + 20
+            while not all(call_id in p.machine.calls and p.machine.calls[call_id].state in ("connected", *FINAL)
+                          for p in (alice, bob)):
+                assert time.monotonic() < deadline, [p.machine.calls.get(call_id) for p in (alice, bob)]
+                await asyncio.sleep(0.01)
+            return alice.machine.calls[call_id].state, bob.machine.calls[call_id].state, bob
+        finally:
+            chat_poller.stop()
+            await alice.close()
+            await bob.close()
+    try:
+        states = asyncio.run(scenario())
+    finally:
+        book.close()
+    alice_state, bob_state, bob = states
+    assert (alice_state, bob_state) == ("connected", "connected"), bob.errors
+    received = [s.type for s in bob.signals if s.direction == "received"]
+    assert received == ["invite", "answer"], received  # each once: no double delivery, nothing refused as a replay
+    assert bob.machine.refused == [] and [read_call_message(e.content).type for e in heard] == ["invite", "answer"]

@@ -1,9 +1,13 @@
 """bubble_ref.cli: the `bubble-ref` command."""
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,9 +89,9 @@ def test_bench_bad_arguments(capsys, args):
 
 def test_bench_crypto_function_refuses_bad_arguments():
     with pytest.raises(ValueError, match="count at least rounds"):
-        cli.bench_crypto(count=1, content_size=10, rounds=5)
+        bench.bench_crypto(count=1, content_size=10, rounds=5)
     with pytest.raises(ValueError, match="content_size not negative"):
-        cli.bench_crypto(count=4, content_size=-1, rounds=2)
+        bench.bench_crypto(count=4, content_size=-1, rounds=2)
 
 
 @pytest.mark.parametrize("argv", [[], ["bench"], ["nonsense"], ["bench", "crypto", "--count", "many"]])
@@ -111,3 +115,92 @@ def test_console_script_runs_the_demo():
     result = subprocess.run([str(script), "demo"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "refused: SpoofedSender" in result.stdout
+
+
+HEAVY = ("flask", "werkzeug", "jsonschema", "fastjsonschema", "matplotlib", "requests", "cryptography", "waitress")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["node", "--help"], ["bench", "mesh", "--help"]])
+def test_help_and_version_import_no_heavy_library(argv):
+    probe = ("import sys\nfrom bubble_ref import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY []", result.stdout[-500:]
+
+
+def test_proof_mode_choices_are_the_nodes():
+    from bubble_ref.node import PROOF_MODES
+
+    node = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["node"]._actions
+                if a.dest == "proof_mode")
+    assert tuple(node.choices) == PROOF_MODES
+
+
+def test_help_texts_have_no_doubled_percent_and_say_what_demo_runs(capsys):
+    for argv in (["bench", "mesh", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+    out = capsys.readouterr().out
+    assert "%%" not in out and "10% loss" in out
+    assert "3-node mesh" in out
+
+
+class MeshCommand:
+    "`bubble-ref mesh` as a subprocess, read line by line; stopped with SIGINT like Ctrl-C."
+
+    def __init__(self, *args: str, env: dict | None = None):
+        script = Path(sys.executable).parent / "bubble-ref"
+        self.proc = subprocess.Popen([str(script), "mesh", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+        self.lines: list[str] = []
+
+    def wait_for(self, phrase: str, timeout: float = 400.0) -> str:
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if phrase in line:
+                return line
+            assert time.monotonic() < deadline, self.lines
+        raise AssertionError(f"{phrase!r} never printed; stdout: {self.lines}; stderr: {self.proc.stderr.read()}")
+
+    def interrupt(self) -> tuple[int, str, str]:
+        self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=120)
+        self.lines += out.splitlines()
+        return self.proc.returncode, "\n".join(self.lines), err
+
+
+def test_mesh_with_a_new_data_dir_creates_it_and_keeps_it(tmp_path):
+    data = tmp_path / "does" / "not" / "exist"
+    mesh = MeshCommand("--nodes", "2", "--topology", "line", "--data-dir", str(data))
+    mesh.wait_for("nodes are up")
+    code, out, err = mesh.interrupt()
+    assert code == 0, err
+    assert "all nodes stopped" in out and "Traceback" not in err, err
+    assert (data / "node-0.log").exists() and (data / "node-1" / "server_key.pem").exists()
+
+
+def test_mesh_without_data_dir_removes_its_temporary_folder(tmp_path):
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    mesh = MeshCommand("--nodes", "2", env={**os.environ, "TMPDIR": str(private_tmp)})
+    first = mesh.wait_for("data and logs in")
+    assert str(private_tmp) in first and "removed when the mesh stops" in first
+    mesh.wait_for("nodes are up")
+    assert list(private_tmp.iterdir()), "the mesh's folder exists while it runs"
+    code, out, err = mesh.interrupt()
+    assert code == 0, err
+    assert list(private_tmp.iterdir()) == [], "the temporary folder is removed after Ctrl-C"
+
+
+def test_mesh_says_which_node_did_not_start_and_why(tmp_path):
+    with socket.socket() as taken:  # node-1's port is in use, so node-1 cannot serve
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = taken.getsockname()[1] - 1
+        mesh = MeshCommand("--nodes", "2", "--base-port", str(base), "--data-dir", str(tmp_path / "m"))
+        out, err = mesh.proc.communicate(timeout=400)
+    assert mesh.proc.returncode == 1, (out, err)
+    assert "node(s) did not start" in err and "node-1 exited with code" in err, err
+    assert "last log lines" in err, err

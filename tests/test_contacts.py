@@ -143,7 +143,7 @@ def _refusal(text: str, label: str = "bob.json") -> str:
     ({"name": ""}, "name: too short: 0 characters"),
     ({"name": "B" * 65}, "name: too long: 65 characters, at most 64"),
     ({"name": "Bob\u001b[2J"}, "does not have the expected form"),
-    ({"name": "Bob\n"}, "U+000A"),
+    ({"name": "Bob\n"}, "name: 'Bob\\n' does not have the expected form (1 to 64 characters, no control"),
     ({"name": " Bob"}, "does not have the expected form"),
     ({"name": 7}, "name: expected string, got integer"),
     ({"public_key": "not base64!"}, "public_key: not a public key"),

@@ -337,7 +337,8 @@ def test_restart_keeps_identity_and_messages_and_logs_requests(tmp_path, alice, 
     finally:
         code = first.stop()
     assert code == 0
-    assert first.stdout_after_announce == ["bubble-ref node stopped"]
+    assert first.stdout_after_announce == [f"  data: {data} (server key and mailbox); stop with Ctrl-C or SIGTERM",
+                                           "bubble-ref node stopped"]
     log = first.stderr()
     assert re.search(r"bubble_ref\.relay: 127\.0\.0\.1 POST /messages 202 \d+ bytes", log), log
     assert re.search(r"bubble_ref\.relay: 127\.0\.0\.1 GET /status 200 \d+ bytes", log), log
@@ -404,7 +405,8 @@ def test_every_acknowledged_message_survives_sigkill(tmp_path, alice, bob):
     assert refused == []
     assert failures, "the client must have stopped on a connection error"
     assert kill_at <= len(acknowledged) < hold_at < total, len(acknowledged)
-    assert node.stdout_after_announce == [], "a killed node prints nothing more"
+    assert node.stdout_after_announce == [f"  data: {node.data_dir} (server key and mailbox); stop with Ctrl-C or "
+                                          "SIGTERM"], "a killed node prints nothing more"
 
     with NodeProcess(data, "crash node").start() as restarted:
         messages, _ = fetch_all(restarted.url, make_retrieval_proof(bob).to_dict())

@@ -335,3 +335,18 @@ def test_bubble_ref_stun_refuses_half_a_key_pair_and_missing_files(tmp_path, cap
     assert main(["stun", "--port", "0", "--tls-port", "0", "--cert", str(tmp_path / "none.pem"),
                  "--key", str(tmp_path / "none.key")]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+CALLS_HEAVY = ("flask", "werkzeug", "jsonschema", "fastjsonschema", "matplotlib", "requests", "cryptography",
+               "waitress", "aiortc", "aioice", "av", "numpy")
+
+
+@pytest.mark.parametrize("argv", [["stun", "--help"], ["bench", "calls", "--help"], ["node", "--help"]])
+def test_the_call_commands_help_imports_no_heavy_library(argv):
+    "`--help` of the commands notebooks 11a and 11b add stays fast: no web, crypto, media or numeric library."
+    probe = ("import sys\nfrom bubble_ref import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             f"print('HEAVY', sorted(m for m in {CALLS_HEAVY!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "HEAVY []", result.stdout[-500:]
+    assert "--turn-url" in result.stdout if argv[0] == "node" else "usage: bubble-ref" in result.stdout

@@ -27,6 +27,7 @@ DROPPED_CELL_METADATA = ("execution", "lines_to_next_cell")
 def normalize(nb) -> None:
     "Give the notebook the metadata JupyterLab writes."
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
+    nb.metadata.pop("jupytext", None)  # left by a conversion from a script; JupyterLab writes no such key
     for cell in nb.cells:
         for key in DROPPED_CELL_METADATA:
             cell.metadata.pop(key, None)
