@@ -117,10 +117,14 @@ class Mailbox:
         size = len(packet.encode("utf-8"))
         if size > self.max_packet_bytes:
             raise StoreError(f"packet is {size} bytes; this mailbox accepts at most {self.max_packet_bytes}")
+        db = self._db
+        existing = db.execute("SELECT seq, packet_id, recipient_id, packet, received_at, expires_at FROM messages "
+                              "WHERE packet_id = ?", (_id(packet_id),)).fetchone()
+        if existing is not None:  # a duplicate (flooding delivers most packets more than once): one read, no write
+            return _row(existing), False
         now = self.clock()
         latest = now + self.retention
         expires = min(expires_at, latest) if expires_at is not None else latest
-        db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             cursor = db.execute(
