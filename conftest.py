@@ -34,6 +34,17 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("pytest-of-"))
 
 
+def pytest_collection_modifyitems(config, items):
+    # Notebook 11b starts coturn. Without its turnserver the notebook is skipped with an install hint, except
+    # in CI (CI=true), where .ci/run installs coturn and a missing one must fail.
+    if os.environ.get("CI") == "true" or shutil.which("turnserver") or os.path.exists("/usr/bin/turnserver"):
+        return
+    skip = pytest.mark.skip(reason="notebook 11b needs coturn's turnserver: apt-get install coturn (Debian/Ubuntu)")
+    for item in items:
+        if "11b_calls" in str(item.fspath):
+            item.add_marker(skip)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _PRIVATE_TMP is None or not _PRIVATE_TMP.exists():
         return

@@ -162,10 +162,14 @@ def run_node_command(args: argparse.Namespace) -> int:
                              f"({args.sync_interval} s), or anti-entropy carries audit packets around a dropper")
         monitor = MonitorConfig(audit_interval=timedelta(seconds=args.audit_interval) if args.audit_interval > 0
                                 else None, audit_deadline=timedelta(seconds=args.audit_deadline))
+        turn = _turn_config(args)  # voice calls (notebook 11b): None without --turn-url
         log.info("starting: opening the server key and the mailbox in %s", args.data_dir)
         node = open_monitored_node(args.data_dir, peers=tuple(args.peer), clock=system_clock,
                                    rng=random.Random(), config=config, mesh=mesh, monitor=monitor,
                                    behaviour=args.behaviour)
+        if turn is not None:  # GET /turn-credentials
+            from bubble_ref.calls import TurnCredentials
+            node.add(TurnCredentials(node, turn))
     except (ValueError, OSError) as e:
         print(f"bubble-ref node: {e}", file=sys.stderr)
         return 2
@@ -317,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_parser(commands)
     _add_mesh_parser(commands)
     _add_sim_parser(commands)
+    _add_stun_parser(commands)
     _add_bench_parser(commands)
     return parser
 
@@ -348,6 +353,7 @@ def _add_node_parser(commands) -> None:
                       help="log verbosity; INFO logs one line per request (default: INFO)")
     _add_mesh_options(node)
     _add_monitor_options(node)
+    _add_turn_options(node)
 
 
 def _add_mesh_options(node) -> None:
@@ -457,6 +463,52 @@ def _add_bench_parser(commands) -> None:
     monitoring_bench.add_argument("--seeds", type=int, default=5, help="simulated meshes per experiment (default: 5)")
     monitoring_bench.add_argument("--nodes", type=int, default=15, help="nodes per mesh (default: 15)")
     monitoring_bench.add_argument("--loss", type=float, default=0.1, help="request and answer loss rate (default: 0.1)")
+    _add_calls_bench_parser(targets)
+
+# %% ../notebooks/90_cli.ipynb #c411a7b3
+# ---- voice calls (notebooks 11a and 11b): the node's TURN options, `bubble-ref stun`, `bench calls` (begin) ----
+def _add_turn_options(node) -> None:
+    node.add_argument("--turn-url", action="append", default=[], metavar="URL",
+                      help="a TURN server for voice calls, e.g. turns:127.0.0.1:5349?transport=tcp; clients that "
+                           "prove their key get short-lived credentials for it at GET /turn-credentials (repeatable)")
+    node.add_argument("--turn-secret-file", type=Path, metavar="FILE",
+                      help="the secret shared with the TURN server (coturn's static-auth-secret); needed with --turn-url")
+    node.add_argument("--turn-cert", type=Path, metavar="PEM", help="the TURN server's certificate, handed to clients to pin")
+
+
+def _turn_config(args: argparse.Namespace):
+    "The TURN server `bubble-ref node` hands out credentials for, or None without --turn-url; ValueError if unusable."
+    if not args.turn_url:
+        if args.turn_secret_file or args.turn_cert:
+            raise ValueError("--turn-secret-file and --turn-cert go with --turn-url (the TURN server's URL)")
+        return None
+    from bubble_ref.calls import load_turn_config
+
+    return load_turn_config(args.turn_url, args.turn_secret_file, args.turn_cert)
+
+
+def _add_stun_parser(commands) -> None:
+    stun = commands.add_parser("stun", help="a STUN server over UDP, and over TLS (encrypted STUN)",
+                               description="Answer STUN Binding requests over UDP and, with --tls-port, over TLS. "
+                                           "Without --cert a self-signed certificate is made at start and its "
+                                           "fingerprint printed, for clients to pin (notebook 11a).")
+    stun.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    stun.add_argument("--port", type=int, default=3478, help="UDP port (default: 3478; 0 picks a free port)")
+    stun.add_argument("--tls-port", type=int, default=None, help="TLS port, e.g. 5349 (default: no TLS)")
+    stun.add_argument("--cert", default=None, help="PEM certificate for TLS (default: self-signed, made at start)")
+    stun.add_argument("--key", default=None, help="PEM private key of --cert")
+
+
+def _add_calls_bench_parser(targets) -> None:
+    calls_bench = targets.add_parser(
+        "calls", help="voice calls over a live mesh and coturn: invite to connected, audio frames lost",
+        description="Place N audio calls between two clients over a live 3-node mesh (signalling) and coturn over "
+                    "TLS (media); report invite-to-connected and offer-to-connected times (p50/p95), the time "
+                    "spent in mesh polling, and audio frames lost (notebook 11b). Needs turnserver (coturn).")
+    calls_bench.add_argument("-n", "--calls", type=int, default=20, help="calls to place (default: 20)")
+    calls_bench.add_argument("--mode", choices=["relay", "direct"], default="relay",
+                             help="relay: through TURN over TLS; direct: host candidates (default: relay)")
+# ---- voice calls (end) ----
 
 # %% ../notebooks/90_cli.ipynb #b7a5e5f8
 def _run_bench(args: argparse.Namespace) -> str:
@@ -513,6 +565,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_mesh_command(args)
     if args.command == "sim":
         return run_sim_command(args)
+    if args.command == "stun":  # notebook 11a
+        from bubble_ref.stun import run_stun_command
+        return run_stun_command(args)
+    if args.command == "bench" and args.target == "calls":  # notebook 11b: aiortc and coturn
+        from bubble_ref.calls import run_calls_bench
+        return run_calls_bench(args)
     if args.command == "bench":
         try:
             print(_run_bench(args))

@@ -22,8 +22,9 @@ from .node import NodeError
 from .packets import Clock, ServerListRequest, format_timestamp, system_clock
 
 # %% auto #0
-__all__ = ['PROFILE_SCHEMA', 'SELF_COPY_KIND', 'CLIENT_MIN_PADDED', 'ClientError', 'NoServerAvailable', 'ServerKeyWarning',
-           'Transport', 'ServerRecord', 'HistoryEntry', 'self_copy_content', 'read_self_copy', 'Client']
+__all__ = ['PROFILE_SCHEMA', 'SELF_COPY_KIND', 'CLIENT_MIN_PADDED', 'CONTROL_KINDS', 'ClientError', 'NoServerAvailable',
+           'ServerKeyWarning', 'Transport', 'ServerRecord', 'HistoryEntry', 'self_copy_content', 'read_self_copy',
+           'is_control_content', 'Client']
 
 # %% ../notebooks/07_client.ipynb #85364743
 class ClientError(RuntimeError):
@@ -130,6 +131,20 @@ def read_self_copy(content: str) -> dict | None:
             all(isinstance(data.get(k), str) for k in ("to", "content", "uuid")):
         return data
     return None
+
+
+CONTROL_KINDS = ("bubble_ref/call",)  # contents of these kinds are for the client (calls), never shown as text
+
+
+def is_control_content(content: str) -> bool:
+    "True for content the client acts on instead of showing: a JSON object whose kind is in CONTROL_KINDS."
+    if not content.startswith("{") or not any(kind in content for kind in CONTROL_KINDS):
+        return False
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("kind") in CONTROL_KINDS
 
 # %% ../notebooks/07_client.ipynb #1183759a
 class Client:
@@ -320,11 +335,11 @@ class Client:
                                "VALUES (?, ?, ?, ?, ?)", (entry.uuid, entry.direction, entry.peer, entry.content,
                                                            entry.timestamp)).rowcount == 1
 
-    def history(self, peer: PublicKey | str | None = None) -> list[HistoryEntry]:
-        "The conversation with `peer` (or everything), oldest first."
+    def history(self, peer: PublicKey | str | None = None, *, include_control: bool = False) -> list[HistoryEntry]:
+        "The conversation with `peer` (or everything), oldest first; control messages (calls) only if asked for."
         if peer is None:
             rows = self.db.execute("SELECT * FROM history ORDER BY timestamp, rowid").fetchall()
         else:
             rows = self.db.execute("SELECT * FROM history WHERE peer = ? ORDER BY timestamp, rowid",
                                    (load_public_key(peer).b64,)).fetchall()
-        return [HistoryEntry(*r) for r in rows]
+        return [HistoryEntry(*r) for r in rows if include_control or not is_control_content(r[3])]

@@ -84,6 +84,28 @@ class ChatSession:
                 counts[name] = counts.get(name, 0) + 1
         return counts
 
+# %% ../notebooks/08b_ui.ipynb #a7c0e5d2
+# ---- listeners for what a poll fetched (the call panel of notebook 11b listens) (begin) ----
+from fastcore.basics import patch
+
+
+@patch
+def add_listener(self: ChatSession, listener: Callable[[list[HistoryEntry]], object]) -> None:
+    "Call `listener(new entries)` after every poll of this session that fetched something."
+    vars(self).setdefault("listeners", []).append(listener)
+
+
+@patch
+def poll(self: ChatSession) -> list[HistoryEntry]:
+    "Fetch new messages; returns them (from anyone), after handing them to every listener."
+    with self._lock:
+        entries = self.client.poll()
+    if entries:
+        for listener in vars(self).get("listeners", []):
+            listener(entries)  # outside the lock: a listener may use the session
+    return entries
+# ---- listeners (end) ----
+
 # %% ../notebooks/08b_ui.ipynb #1962fa41
 REFUSALS = (ValueError, ContactError)  # the user's input was refused: the message alone says what to fix
 
