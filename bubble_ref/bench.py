@@ -21,7 +21,7 @@ import requests
 from .crypto import OAEP, PSS, SHA256, Identity
 from .envelope import check_packet, make_retrieval_proof, open_message, seal
 from .packets import parse_timestamp
-from .store import Mailbox, ManualClock
+from .store import SLOT, Mailbox, ManualClock
 
 # %% auto #0
 __all__ = ['CryptoBench', 'bench_crypto', 'format_crypto_bench', 'LoadResult', 'drive', 'NodeBench', 'bench_node',
@@ -245,9 +245,12 @@ def bench_node(count: int = 2000, clients: int = 8, threads: int = 4, content_si
                 for body in packets[:mailbox_messages]:
                     requests.post(f"{url}/messages", data=body, headers={"Content-Type": "application/json"},
                                   timeout=30).raise_for_status()
-                proof = make_retrieval_proof(bob).to_json().encode()  # spec mode: one proof serves every GET
-                drive(f"{url}/messages", [proof] * 10, clients, method="GET")
-                fetch = drive(f"{url}/messages", [proof] * fetches, clients, method="GET")
+                # The node is hardened, as `bubble-ref node` is by default: each proof is bound to this server
+                # and accepted once, so the load generator signs one per GET before the clock starts.
+                server_id = requests.get(f"{url}/status", timeout=30).json()["server_id"]
+                proofs = [make_retrieval_proof(bob, server_id=server_id).to_json().encode() for _ in range(10 + fetches)]
+                drive(f"{url}/messages", proofs[:10], clients, method="GET")
+                fetch = drive(f"{url}/messages", proofs[10:], clients, method="GET")
     return NodeBench(len(packets[0]), clients, threads, results["bare"], results["node"], fetch, mailbox_messages)
 
 
@@ -308,7 +311,8 @@ def bench_store(packets: int = 1_000_000, recipients: int = 10_000, fetches: int
             page = mailbox.fetch(recipient_ids[(i * 7919) % recipients], limit=50)
             latencies.append(time.perf_counter() - t)
             assert page.packets, "every recipient has packets"
-        clock.advance(timedelta(days=3, hours=12, minutes=1))  # day 7: the first half has expired
+        # Day 7 and one slot: the first half has expired, and the 6-hour slot its expiry fell in has ended.
+        clock.advance(timedelta(days=3, hours=12, minutes=1) + SLOT)
         t = time.perf_counter()
         swept = mailbox.sweep()
         sweep = time.perf_counter() - t
@@ -392,7 +396,7 @@ def simulate_flooding(condition: str, nodes: int = 25, broadcasts: int = 20, *, 
 
 
 def _live_line(nodes: int, messages: int) -> list[float]:
-    "POST at the first node of a line of real node processes; seconds until /trace answers at the last."
+    "POST at the first node of a line of real node processes; seconds until /trace answers at the last (as operator)."
     import subprocess
     import sys
 
@@ -414,13 +418,15 @@ def _live_line(nodes: int, messages: int) -> list[float]:
             first, last = f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[-1]}"
             session = requests.Session()
             deadline = time.monotonic() + 60
-            for port in ports:  # every node up, and every node knows its neighbours
+            for i, port in enumerate(ports):  # every node up, and every node knows its neighbours
                 while True:
-                    try:
-                        status = session.get(f"http://127.0.0.1:{port}/status", timeout=2).json()
+                    try:  # peer counts and /trace are for the operator: the token is in the node's data folder
+                        token = Path(f"{root}/n{i}/operator_token").read_text().strip()
+                        status = session.get(f"http://127.0.0.1:{port}/status", timeout=2,
+                                             headers={"Authorization": f"Bearer {token}"}).json()
                         if status["known_peers"] == status["peers"]:
                             break
-                    except (requests.RequestException, ValueError):
+                    except (OSError, requests.RequestException, ValueError, KeyError):
                         pass
                     if time.monotonic() > deadline:
                         raise RuntimeError("the bench mesh did not come up in 60 s")
@@ -428,7 +434,8 @@ def _live_line(nodes: int, messages: int) -> list[float]:
             for i, packet in enumerate(packets):
                 start = time.perf_counter()
                 packet_id = session.post(f"{first}/messages", json=packet, timeout=10).json()["packet_id"]
-                while session.get(f"{last}/trace/{packet_id}", timeout=10).status_code != 200:
+                while session.get(f"{last}/trace/{packet_id}", headers={"Authorization": f"Bearer {token}"},
+                                  timeout=10).status_code != 200:
                     if time.perf_counter() - start > 30:
                         raise RuntimeError("a packet did not cross the bench mesh in 30 s")
                     time.sleep(0.002)
@@ -502,9 +509,10 @@ class MonitoringBench:
     colluders: int
     coups: int  # runs in which a colluding minority got its victim blacklisted by an honest node
     seconds: float
+    simulated: float  # simulated seconds per run: 200 of traffic and faults, then the settle time
 
 
-def monitoring_scenario(seed: int, nodes: int, loss: float, kind: str):
+def monitoring_scenario(seed: int, nodes: int, loss: float, kind: str, settle: float = 600.0):
     "A swarm scenario for the benchmark: droppers ('silent' and 'selective' together) or a colluding minority."
     from bubble_ref.mesh import build_topology
     from bubble_ref.swarm import Scenario
@@ -521,20 +529,20 @@ def monitoring_scenario(seed: int, nodes: int, loss: float, kind: str):
         for name in gang:
             behaviour[name] = "collude"
     traffic = tuple((5.0 + 10 * k, rng.choice([n for n in names if behaviour[n] == "honest"]), k % 8) for k in range(20))
-    return Scenario(seed, names, links, behaviour, victim, loss, (), (), (), traffic, 200.0, 600.0)
+    return Scenario(seed, names, links, behaviour, victim, loss, (), (), (), traffic, 200.0, settle)
 
 
-def bench_monitoring(seeds: int = 5, nodes: int = 15, loss: float = 0.1) -> MonitoringBench:
+def bench_monitoring(seeds: int = 5, nodes: int = 15, loss: float = 0.1, settle: float = 600.0) -> MonitoringBench:
     "Droppers and colluders on `seeds` simulated meshes of `nodes` full nodes each (the real classes)."
     from bubble_ref.swarm import run_scenario
 
-    if seeds < 1 or nodes < 5 or not 0 <= loss < 1:
-        raise ValueError("need at least 1 seed, 5 nodes, and a loss rate in [0, 1)")
+    if seeds < 1 or nodes < 5 or not 0 <= loss < 1 or settle < 0:
+        raise ValueError("need at least 1 seed, 5 nodes, a loss rate in [0, 1) and a settle time of at least 0")
     started = time.perf_counter()
     silent, selective, wrong, coups, gang = [], [], 0, 0, 0
     for seed in range(seeds):
         for kind in ("droppers", "colluders"):
-            scenario = monitoring_scenario(seed, nodes, loss, kind)
+            scenario = monitoring_scenario(seed, nodes, loss, kind, settle)
             run = run_scenario(scenario)
             honest = scenario.honest
             wrong += sum(1 for _, judge, about, d in run.decisions
@@ -548,7 +556,8 @@ def bench_monitoring(seeds: int = 5, nodes: int = 15, loss: float = 0.1) -> Moni
                 firsts = [run.first_blacklisting(name, by=h) for h in honest]
                 caught = max(firsts) if all(t is not None for t in firsts) else None
                 (silent if scenario.behaviour[name] == "drop" else selective).append(caught)
-    return MonitoringBench(seeds, nodes, loss, silent, selective, wrong, gang, coups, time.perf_counter() - started)
+    return MonitoringBench(seeds, nodes, loss, silent, selective, wrong, gang, coups, time.perf_counter() - started,
+                           scenario.faults_end + scenario.settle)
 
 
 def format_monitoring_bench(result: MonitoringBench) -> str:
@@ -561,7 +570,7 @@ def format_monitoring_bench(result: MonitoringBench) -> str:
     return "\n".join([
         f"bubble-ref bench monitoring: the real node classes, simulated: {result.seeds} meshes of {result.nodes} "
         f"nodes per experiment (random graph, degree 4), {result.loss:.0%} of requests and answers lost, audits "
-        f"every 10 s per node on average, 600 simulated seconds each ({result.seconds:.0f} s of real time)",
+        f"every 10 s per node on average, {result.simulated:.0f} simulated seconds each ({result.seconds:.0f} s of real time)",
         caught("silent", result.silent), caught("selective", result.selective),
         f"honest servers wrongly blacklisted (by any honest node, at any time): {result.honest_blacklisted} (target 0)",
         f"a colluding minority of {result.colluders} got its honest victim blacklisted in {result.coups} of "

@@ -496,8 +496,8 @@ def fetch_turn_credentials(client: Client) -> dict:
     if client.rx is None:
         client.refresh_load()
         client.choose()
-    status, answer = client.rx_transport.request("GET", f"{client.rx}/turn-credentials",
-                                                 make_retrieval_proof(client.identity).to_dict())
+    proof = make_retrieval_proof(client.identity, server_id=client.server_id(client.rx), clock=client.clock)
+    status, answer = client.rx_transport.request("GET", f"{client.rx}/turn-credentials", proof.to_dict())
     if status != 200 or not isinstance(answer, dict) or not {"uris", "username", "credential"} <= set(answer):
         raise CallError(f"{client.rx} gave no TURN credentials ({status}: {answer})")
     return answer

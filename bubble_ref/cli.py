@@ -46,12 +46,12 @@ def run_demo(out=None) -> int:
             say("\n7. The nodes are stopped.")
 
 
-def _wait_for(url: str, timeout: float = 60.0):
+def _wait_for(url: str, timeout: float = 60.0, headers: dict | None = None):
     import requests
 
     deadline = time.monotonic() + timeout
     while True:
-        response = requests.get(url, timeout=10)
+        response = requests.get(url, headers=headers, timeout=10)
         if response.status_code == 200 or time.monotonic() > deadline:
             return response
         time.sleep(0.05)
@@ -89,9 +89,14 @@ def _demo_steps(urls: dict[str, str], running: dict, say: Callable[..., None], r
 
     alice.send(bob.identity.public, "Hi Bob, it's Alice. Lunch at noon?")
     say(f"\n4. Alice's client seals the message and POSTs it to {name_of[alice.tx]} (her TX server).")
-    proof = make_retrieval_proof(bob.identity).to_dict()
+    def proof():  # bound to Bob's RX server and to now; each is accepted once
+        return make_retrieval_proof(bob.identity, server_id=bob.server_id(bob.rx)).to_dict()
+
+    def operator(n: str) -> dict:  # /trace tells who relayed what: only the node's operator may ask
+        return {"Authorization": f"Bearer {running[n].node.operator_token}"}
+
     deadline = time.monotonic() + 60
-    while not (page := requests.get(f"{bob.rx}/messages", json=proof, timeout=10).json())["messages"]:
+    while not (page := requests.get(f"{bob.rx}/messages", json=proof(), timeout=10).json())["messages"]:
         if time.monotonic() > deadline:
             raise RuntimeError("the message did not reach Bob's RX server")
         time.sleep(0.05)
@@ -101,10 +106,10 @@ def _demo_steps(urls: dict[str, str], running: dict, say: Callable[..., None], r
                            ensure_ascii=False).replace("\n", "\n   "))
     say("   It cannot read the content, cannot see the sender, cannot check the signature.")
     for n in DEMO_NODES:
-        _wait_for(f"{urls[n]}/trace/{item['packet_id']}")
+        _wait_for(f"{urls[n]}/trace/{item['packet_id']}", headers=operator(n))
     say("   The mesh floods it, one signed relay per link:")
     for n in DEMO_NODES:
-        trace = requests.get(f"{urls[n]}/trace/{item['packet_id']}", timeout=10).json()
+        trace = requests.get(f"{urls[n]}/trace/{item['packet_id']}", headers=operator(n), timeout=10).json()
         source = "from Alice" if trace["from"] is None else "relayed by " + next(
             m for m in DEMO_NODES if running[m].node.id == trace["from"])
         say(f"   node {n}: hop {trace['hops']}, {source}")
@@ -120,7 +125,7 @@ def _demo_steps(urls: dict[str, str], running: dict, say: Callable[..., None], r
                                  base64.b64encode(seal_box(bob.identity.public,
                                                            forged_signature.to_json().encode())).decode())
     forged_id = requests.post(f"{alice.tx}/messages", json=forged.to_dict(), timeout=10).json()["packet_id"]
-    _wait_for(f"{bob.rx}/trace/{forged_id}")
+    _wait_for(f"{bob.rx}/trace/{forged_id}", headers=operator(name_of[bob.rx]))
     say("\n6. Mallory swaps in her own signature box and posts that too; no node can tell. Bob can:")
     try:
         open_message(bob.identity, forged)
@@ -156,7 +161,8 @@ def run_node_command(args: argparse.Namespace) -> int:
         config = NodeConfig(name=args.name, proof_mode=args.proof_mode, max_packet_bytes=args.max_packet_bytes,
                             page_size=args.page_size, synchronous=args.synchronous.upper())
         mesh = MeshConfig(retry_max=timedelta(seconds=args.retry_max), sync_interval=timedelta(seconds=args.sync_interval),
-                          directory_interval=timedelta(seconds=args.directory_interval), discover=args.discover)
+                          directory_interval=timedelta(seconds=args.directory_interval), discover=args.discover,
+                          url_policy=args.url_policy)
         if args.audit_deadline >= args.sync_interval:
             raise ValueError(f"--audit-deadline ({args.audit_deadline} s) must be shorter than --sync-interval "
                              f"({args.sync_interval} s), or anti-entropy carries audit packets around a dropper")
@@ -173,8 +179,10 @@ def run_node_command(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"bubble-ref node: {e}", file=sys.stderr)
         return 2
-    node.url = args.public_url or (f"http://{args.host}:{args.port}" if args.port and args.host not in ("0.0.0.0", "::")
-                                   else None)
+    if args.proof_mode == "spec":
+        log.warning("proof mode 'spec': the seed's fixed retrieval phrase is accepted, and anyone who sees one "
+                    "client's proof can replay it forever to read that client's mailbox (notebook 03)")
+    node.url = args.public_url  # else run_node names it after the address it binds (unless that is 0.0.0.0)
     run_node(node, args.host, args.port, threads=args.threads, announce=lambda text: print(text, flush=True),
              data_dir=args.data_dir)
     return 0
@@ -338,9 +346,10 @@ def _add_node_parser(commands) -> None:
     node.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                       help=f"where the server key and mailbox live (default: {DEFAULT_DATA_DIR})")
     node.add_argument("--name", default="bubble-ref node", help="a name shown in /status (default: bubble-ref node)")
-    node.add_argument("--proof-mode", choices=("spec", "hardened"), default="spec",
-                      help="retrieval proofs: 'spec' accepts the seed's fixed phrase (replayable); "
-                           "'hardened' requires proofs bound to this server and the time (default: spec)")
+    node.add_argument("--proof-mode", choices=("spec", "hardened"), default="hardened",
+                      help="retrieval proofs: 'hardened' requires proofs bound to this server and the time, each "
+                           "accepted once; 'spec' also accepts the seed's fixed phrase, which anyone who saw it once "
+                           "can replay forever (default: hardened)")
     node.add_argument("--max-packet-bytes", type=int, default=MAX_PACKET_BYTES,
                       help=f"largest request body accepted (default: {MAX_PACKET_BYTES})")
     node.add_argument("--page-size", type=int, default=100,
@@ -371,6 +380,9 @@ def _add_mesh_options(node) -> None:
                            "(default: http://HOST:PORT when both are explicit)")
     node.add_argument("--directory-interval", type=float, default=10.0, metavar="SECONDS",
                       help="how often to ask known servers for their server lists (default: 10)")
+    node.add_argument("--url-policy", choices=("auto", "public", "private", "loopback", "any"), default="auto",
+                      help="which URLs learned from other servers' lists this node contacts: 'auto' stays in the "
+                           "address class of its own URL (loopback, private network, or public) (default: auto)")
 
 
 def _add_monitor_options(node) -> None:
@@ -463,6 +475,8 @@ def _add_bench_parser(commands) -> None:
     monitoring_bench.add_argument("--seeds", type=int, default=5, help="simulated meshes per experiment (default: 5)")
     monitoring_bench.add_argument("--nodes", type=int, default=15, help="nodes per mesh (default: 15)")
     monitoring_bench.add_argument("--loss", type=float, default=0.1, help="request and answer loss rate (default: 0.1)")
+    monitoring_bench.add_argument("--settle", type=float, default=600.0,
+                                  help="simulated seconds after the 200 s of traffic (default: 600)")
     _add_calls_bench_parser(targets)
 
 # %% ../notebooks/90_cli.ipynb #c411a7b3
@@ -524,7 +538,7 @@ def _run_bench(args: argparse.Namespace) -> str:
     if args.target == "mesh":
         return bench.format_mesh_bench(bench.bench_mesh(args.nodes, args.broadcasts, args.live_messages,
                                                         args.live_nodes))
-    return bench.format_monitoring_bench(bench.bench_monitoring(args.seeds, args.nodes, args.loss))
+    return bench.format_monitoring_bench(bench.bench_monitoring(args.seeds, args.nodes, args.loss, args.settle))
 
 
 def run_sim_command(args: argparse.Namespace) -> int:

@@ -188,6 +188,13 @@ class Client:
                                + ("WHERE trusted = 1 " if trusted_only else "") + "ORDER BY url").fetchall()
         return [ServerRecord(*r[:6], bool(r[6])) for r in rows]
 
+    def server_id(self, url: str) -> str:
+        "The pinned id of the server at `url`: a retrieval proof is bound to it, so it cannot be replayed elsewhere."
+        row = self.db.execute("SELECT server_id FROM servers WHERE url = ?", (url,)).fetchone()
+        if row is None:
+            raise ClientError(f"{url} is not in this client's registry; add it first")
+        return row[0]
+
     def _pin(self, url: str, key: PublicKey, voucher: str | None = None) -> bool:
         "Pin `key` for `url` on first use; on a different key: warn, distrust, keep the old pin. True if new."
         row = self.db.execute("SELECT server_id FROM servers WHERE url = ?", (url,)).fetchone()
@@ -303,8 +310,8 @@ class Client:
         row = self.db.execute("SELECT cursor FROM cursors WHERE url = ?", (self.rx,)).fetchone()
         cursor, new = (row[0] if row else ""), []
         while True:
-            status, page = self.rx_transport.request(
-                "GET", f"{self.rx}/messages", {**make_retrieval_proof(self.identity).to_dict(), "cursor": cursor})
+            proof = make_retrieval_proof(self.identity, server_id=self.server_id(self.rx), clock=self.clock)
+            status, page = self.rx_transport.request("GET", f"{self.rx}/messages", {**proof.to_dict(), "cursor": cursor})
             if status != 200:
                 raise ClientError(f"{self.rx} answered {status}: {page}")
             for item in page["messages"]:
