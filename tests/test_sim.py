@@ -3,8 +3,6 @@ runs) on a simulated clock. Delivery, determinism, loss, crashes, partitions, an
 (the same as from the real driver: no answer, or an answer too big, is status None)."""
 from __future__ import annotations
 
-import json
-import random
 from datetime import timedelta
 
 import matplotlib
