@@ -140,3 +140,11 @@ def test_a_colluding_majority_gets_its_victim_blacklisted_and_the_checker_says_s
     run = run_scenario(scenario)
     assert run.first_blacklisting("n0", by="n1") is not None
     assert any("wrongly blacklisted" in v and "colluders' victim" in v for v in run.violations)
+
+
+def test_bench_monitoring_refuses_nonsense():
+    "The benchmark over these scenarios (`bubble-ref bench monitoring`) refuses settings that mean nothing."
+    from bubble_ref.bench import bench_monitoring
+    for bad in (dict(seeds=0), dict(loss=1.0), dict(loss=-0.1), dict(nodes=4)):
+        with pytest.raises(ValueError):
+            bench_monitoring(**bad)
