@@ -202,3 +202,94 @@ def assert_alive(url: str) -> None:
     response = requests.get(f"{url}/status", timeout=HTTP_TIMEOUT)
     assert response.status_code == 200, response.text
     assert set(response.json()) >= {"server_id", "public_key", "version", "load", "stored_messages"}
+
+
+# ------------------------------------------------------------------ meshes of real node processes
+
+WAIT = 60.0  # seconds: the longest a poll waits by default before the test fails (generous: CI shares 2 cores)
+POLL = 0.05  # seconds between two polls
+
+
+def wait_until(predicate, what: str, timeout: float = WAIT):
+    "Poll `predicate` until it returns something truthy (returned); fail with `what` after `timeout` seconds."
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value {value!r})")
+        time.sleep(POLL)
+
+
+class MeshProcess(NodeProcess):
+    """A `bubble-ref node` on a port fixed before it starts (so its peers can list it), joined to `peers`.
+
+    Defaults that keep the mesh tests about what they test (`extra_args` come last and override them):
+    `--retry-max 1` keeps retries to a dead peer quick; `--sync-interval 3600` keeps anti-entropy (which pulls
+    what a peer stored, hop limit or not) out of the flood tests; `--audit-interval 0` keeps audit packets out
+    of outbox and mailbox counts (the monitoring tests turn audits on again).
+    """
+
+    DEFAULTS = ("--retry-max", "1", "--sync-interval", "3600", "--audit-interval", "0")
+
+    def __init__(self, data_dir, name: str, port: int, peers: list[str], *extra_args: str):
+        super().__init__(data_dir, name, *extra_args)
+        self.port, self.peers = port, list(peers)
+
+    @property
+    def command(self) -> list[str]:
+        peer_args = [a for url in self.peers for a in ("--peer", url)]
+        return [str(BUBBLE_REF), "node", "--host", "127.0.0.1", "--port", str(self.port),
+                "--data-dir", str(self.data_dir), "--name", self.name, *peer_args, *self.DEFAULTS, *self.extra_args]
+
+    @property
+    def fixed_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def again(self) -> "MeshProcess":
+        "A new (not yet started) process with the same data directory, port, name, peers and options: a restart."
+        return MeshProcess(self.data_dir, self.name, self.port, self.peers, *self.extra_args)
+
+    def server_key(self):
+        from bubble_ref.crypto import Identity
+        return Identity.load(self.data_dir / "server_key.pem")
+
+    def reputation(self) -> dict:
+        response = requests.get(f"{self.url}/reputation", timeout=HTTP_TIMEOUT)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+class Launcher:
+    "Starts mesh processes and remembers every one, so teardown stops them all, whatever the test did."
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.started: list[NodeProcess] = []
+
+    def line(self, names: str, *extra_args: str) -> dict[str, MeshProcess]:
+        "Unstarted processes for a line of nodes named by the letters of `names`, on ports chosen now."
+        from bubble_ref.mesh import line_topology
+        return self.linked(names, line_topology(len(names)), *extra_args)
+
+    def linked(self, names, links: list[list[int]], *extra_args: str,
+               per_node: dict | None = None) -> dict[str, MeshProcess]:
+        "Unstarted processes named `names`, node i peered with the nodes in `links[i]`, on ports chosen now."
+        from bubble_ref.mesh import free_port
+        ports = {n: free_port() for n in names}
+        return {n: MeshProcess(self.root / n, n, ports[n], [f"http://127.0.0.1:{ports[names[j]]}" for j in links[i]],
+                               *extra_args, *(per_node or {}).get(n, ()))
+                for i, n in enumerate(names)}
+
+    def start(self, *procs: MeshProcess) -> None:
+        "Start the processes in parallel and wait for each announce line (on its own fixed port)."
+        from concurrent.futures import ThreadPoolExecutor
+        self.started.extend(procs)
+        with ThreadPoolExecutor(max_workers=len(procs)) as pool:
+            for proc in pool.map(lambda p: p.start(), procs):
+                assert proc.url == proc.fixed_url, (proc.announce, proc.fixed_url)
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            proc.stop()  # SIGTERM, then SIGKILL if it does not exit in time; a no-op if it already exited

@@ -1,4 +1,5 @@
-"""Anti-entropy between mesh nodes, in process: signed sync requests, pages since a cursor, no re-flooding."""
+"""Anti-entropy between mesh nodes, in process, sans IO: signed sync requests, pages after a cursor, young packets
+flooded on and old ones only kept, and the trace log that goes with the packets."""
 import json
 import random
 from datetime import timedelta
@@ -7,56 +8,96 @@ import pytest
 
 from bubble_ref.crypto import Identity
 from bubble_ref.envelope import check_packet, seal
-from bubble_ref.mesh import MeshConfig, MeshNode, sign_body
-from bubble_ref.node import NodeConfig, NodeError
+from bubble_ref.mesh import MeshConfig, open_mesh_node, sign_body
+from bubble_ref.node import After, NodeConfig
 from bubble_ref.packets import format_timestamp
 from bubble_ref.store import ManualClock
 
+from inproc import ask, assert_refused, calls, pin
+
 A_URL, B_URL, C_URL = "http://a.invalid", "http://b.invalid", "http://c.invalid"
+ROUND = ("sync", "round")
 
 
 @pytest.fixture
 def pair(tmp_path):
     "Nodes A and B that know each other (B also lists C, which it never resolves), on one manual clock."
     clock = ManualClock()
-    a = MeshNode.open(tmp_path / "a", peers=(B_URL,), clock=clock, config=NodeConfig(name="a", page_size=3))
-    b = MeshNode.open(tmp_path / "b", peers=(A_URL, C_URL), clock=clock, config=NodeConfig(name="b"))
-    a.learn_peer(B_URL, b.status())
-    b.learn_peer(A_URL, a.status())
+    a = open_mesh_node(tmp_path / "a", peers=(B_URL,), clock=clock, rng=random.Random(1),
+                       config=NodeConfig(name="a", page_size=3))
+    b = open_mesh_node(tmp_path / "b", peers=(A_URL, C_URL), clock=clock, rng=random.Random(2),
+                       config=NodeConfig(name="b"))
+    a.url, b.url = A_URL, B_URL
+    pin(a, B_URL, b)
+    pin(b, A_URL, a)
     yield a, b, clock
     a.close()
     b.close()
 
 
 def post(node, alice, bob, text):
-    return node.submit(seal(alice, bob.public.b64, text).to_json())["packet_id"]
+    reply = ask(node, "POST /messages", seal(alice, bob.public.b64, text).to_json())
+    assert reply.status == 202, reply
+    return reply.body["packet_id"]
 
 
-def sync_once(asker, answerer, rng=None):
-    url, body = asker.make_sync_request(rng or random.Random(0))
-    answer = answerer.answer_sync(json.dumps(body))
-    return asker.apply_sync(url, answer), answer
+def sync_round(asker, answerer):
+    """One reconciliation round of `asker` with its only usable peer `answerer`, page after page as the asker asks
+    for them: (packets stored per page, answers, the asker's other actions)."""
+    actions = asker.on_timer(ROUND)
+    assert actions[0] == After(asker.roles["sync"].mesh.sync_interval, ROUND), "the next round is always planned"
+    pending, new, answers, others = calls(actions, "/sync"), [], [], []
+    while pending:
+        call = pending.pop(0)
+        assert call.url == f"{answerer.url}/sync"
+        before = asker.mailbox.count()
+        reply = ask(answerer, "POST /sync", call.body)
+        assert reply.status == 200, reply
+        answers.append(reply.body)
+        followups = asker.on_answer(call.tag, reply.status, json.loads(json.dumps(reply.body)))
+        new.append(asker.mailbox.count() - before)
+        pending += calls(followups, "/sync")
+        others += [a for a in followups if a not in pending]
+    return new, answers, others
 
 
-def test_a_node_pulls_what_it_lacks_page_by_page_and_does_not_flood_it(pair, alice, bob):
+def test_a_node_pulls_what_it_lacks_page_by_page(pair, alice, bob):
     a, b, clock = pair
     ids = {post(a, alice, bob, f"message {i}") for i in range(5)}
-    a.mailbox.connection().execute("DELETE FROM outbox")  # as if flooding to B had been lost
-    new, answer = sync_once(b, a)
-    assert (new, len(answer["packets"]), answer["more"]) == (3, 3, True)  # A's pages hold 3
-    new, answer = sync_once(b, a)
-    assert (new, answer["more"]) == (2, False)
+    a.db.execute("DELETE FROM outbox")  # as if flooding to B had been lost
+    new, answers, _ = sync_round(b, a)
+    assert new == [3, 2] and [len(x["packets"]) for x in answers] == [3, 2]  # A's pages hold 3
+    assert [x["more"] for x in answers] == [True, False]
     assert {p.packet_id for p in b.mailbox.since().packets} == ids
-    assert b.outbox_size() == 0  # learned by reconciliation: kept, not flooded again
-    new, answer = sync_once(b, a)
-    assert (new, answer["packets"]) == (0, [])  # the cursor remembers where B stopped
+    new, answers, _ = sync_round(b, a)
+    assert new == [0] and answers[0]["packets"] == []  # the cursor remembers where B stopped
+
+
+def test_young_packets_learned_by_sync_are_flooded_on_and_old_ones_only_kept(pair, alice, bob):
+    "A relay of a young packet was probably lost, so it goes on; an old one (a node refilling) stays here."
+    a, b, clock = pair
+    young = post(a, alice, bob, "young")
+    a.db.execute("DELETE FROM outbox")
+    _, _, actions = sync_round(b, a)
+    queued = b.db.execute("SELECT peer, hops FROM outbox WHERE packet_id = ?", (bytes.fromhex(young),)).fetchall()
+    assert queued == [(C_URL, 2)], "on to C, not back to A, whose copy it is"
+    assert [c.url for c in calls(actions, "/relay")] == [f"{C_URL}/relay"]
+    b.db.execute("DELETE FROM outbox")
+
+    old = post(a, alice, bob, "old")
+    a.db.execute("DELETE FROM outbox")
+    clock.advance(MeshConfig().sync_reflood_age + timedelta(seconds=1))
+    new, _, actions = sync_round(b, a)
+    assert new == [1] and b.mailbox.contains(old)
+    assert b.roles["broadcast"].outbox_size() == 0 and calls(actions, "/relay") == []
+    assert ask(b, f"GET /trace/{old}").body["from"] == a.id
 
 
 def test_copies_learned_by_sync_keep_the_origin_expiry(pair, alice, bob):
     a, b, clock = pair
     packet_id = post(a, alice, bob, "hello")
     clock.advance(timedelta(days=6))
-    sync_once(b, a)
+    sync_round(b, a)
     original = a.mailbox.since().packets[0]
     copy = b.mailbox.since().packets[0]
     assert copy.packet_id == packet_id and copy.expires_at == original.expires_at
@@ -69,21 +110,36 @@ def test_only_known_servers_may_ask_and_only_with_a_fresh_signed_request(pair):
     stranger = Identity.generate()
     body = sign_body(stranger, {"type": "sync_request", "since": "", "sender_id": stranger.id,
                                 "sent_at": format_timestamp(clock())})
-    with pytest.raises(NodeError) as caught:
-        a.answer_sync(json.dumps(body))
-    assert (caught.value.status, caught.value.code) == (403, "unknown_server")
+    assert_refused(ask(a, "POST /sync", body), 403, "unknown_server")
     forged = {**body, "sender_id": b.id}
-    with pytest.raises(NodeError) as caught:
-        a.answer_sync(json.dumps(forged))
-    assert (caught.value.status, caught.value.code) == (403, "bad_signature")
-    _, old = b.make_sync_request(random.Random(0))
+    assert_refused(ask(a, "POST /sync", forged), 403, "bad_signature")
+    old = calls(b.on_timer(ROUND), "/sync")[0].body
+    assert ask(a, "POST /sync", old).status == 200
     clock.advance(timedelta(minutes=6))
-    with pytest.raises(NodeError) as caught:
-        a.answer_sync(json.dumps(old))
-    assert (caught.value.status, caught.value.code) == (403, "stale_request")
-    with pytest.raises(NodeError) as caught:
-        a.answer_sync(json.dumps({**old, "since": "abc"}))
-    assert (caught.value.status, caught.value.code) == (400, "invalid_packet")
+    assert_refused(ask(a, "POST /sync", old), 403, "stale_request")
+    assert_refused(ask(a, "POST /sync", {**old, "since": "abc"}), 400, "invalid_packet")
+
+
+def test_a_sync_answer_is_bounded_in_bytes(tmp_path, alice, bob):
+    "A page holds packets up to sync_page_bytes (at least one), and says there is more."
+    clock = ManualClock()
+    a = open_mesh_node(tmp_path / "a", peers=(B_URL,), clock=clock, rng=random.Random(1),
+                       mesh=MeshConfig(sync_page_bytes=5000))
+    b = open_mesh_node(tmp_path / "b", peers=(A_URL,), clock=clock, rng=random.Random(2))
+    a.url, b.url = A_URL, B_URL
+    try:
+        pin(a, B_URL, b)
+        pin(b, A_URL, a)
+        for i in range(4):
+            post(a, alice, bob, f"{i}" * 2000)
+        sizes = [len(p.packet) for p in a.mailbox.since().packets]
+        per_page = max(1, 5000 // sizes[0])
+        new, answers, _ = sync_round(b, a)
+        assert all(len(x["packets"]) <= per_page for x in answers) and sum(new) == 4
+        assert all(x["more"] for x in answers[:-1]) and not answers[-1]["more"]
+    finally:
+        a.close()
+        b.close()
 
 
 def test_bad_items_in_an_answer_are_skipped_and_the_rest_is_stored(pair, alice, bob):
@@ -94,23 +150,45 @@ def test_bad_items_in_an_answer_are_skipped_and_the_rest_is_stored(pair, alice, 
          "packet": good.packet.to_dict()},                                      # id does not match
         {"packet_id": good.id, "expires_at": "yesterday", "packet": good.packet.to_dict()},  # bad time
         {"packet": "not a packet"},                                             # garbage
+        "not even an object",
         {"packet_id": good.id, "expires_at": format_timestamp(clock() - timedelta(seconds=1)),
          "packet": good.packet.to_dict()},                                      # already expired
         {"packet_id": good.id, "expires_at": format_timestamp(clock() + timedelta(days=2)),
          "packet": good.packet.to_dict()},                                      # fine
     ], "next_cursor": "7", "more": False}
-    assert b.apply_sync(A_URL, answer) == 1
+    b.on_answer(("sync", "page", A_URL, 0), 200, answer)
     assert [p.packet_id for p in b.mailbox.since().packets] == [good.id]
-    with pytest.raises(NodeError):
-        b.apply_sync(C_URL, answer)  # C was never resolved: not a known peer
-    with pytest.raises(NodeError):
-        b.apply_sync(A_URL, ["not", "a", "dict"])
+    assert b.db.execute("SELECT cursor FROM sync_cursors WHERE peer = ?", (A_URL,)).fetchone() == ("7",)
+
+
+@pytest.mark.parametrize("url, status, body", [
+    (C_URL, 200, "answer"),  # C was never resolved: not a known peer
+    (A_URL, 200, ["not", "a", "dict"]),
+    (A_URL, 200, {"packets": "not a list"}),
+    (A_URL, 500, "answer"),
+    (A_URL, None, None),
+])
+def test_answers_from_unknown_peers_or_in_bad_shape_store_nothing(pair, alice, bob, url, status, body):
+    a, b, clock = pair
+    good = check_packet(seal(alice, bob.public.b64, "good"))
+    answer = {"packets": [{"packet_id": good.id, "expires_at": format_timestamp(clock() + timedelta(days=2)),
+                           "packet": good.packet.to_dict()}], "next_cursor": "7", "more": True}
+    assert b.on_answer(("sync", "page", url, 0), status, answer if body == "answer" else body) == []
+    assert b.mailbox.count() == 0
+    assert b.db.execute("SELECT count(*) FROM sync_cursors").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("cursor", ["-1", "abc", "1" * 19, 7, None])
+def test_a_bad_cursor_in_an_answer_is_not_kept(pair, cursor):
+    a, b, clock = pair
+    b.on_answer(("sync", "page", A_URL, 0), 200, {"packets": [], "next_cursor": cursor, "more": False})
+    assert b.db.execute("SELECT count(*) FROM sync_cursors").fetchone() == (0,)
 
 
 def test_no_sync_request_without_known_peers(tmp_path):
-    lonely = MeshNode.open(tmp_path / "lonely", peers=(A_URL,), mesh=MeshConfig())
+    lonely = open_mesh_node(tmp_path / "lonely", peers=(A_URL,), clock=ManualClock(), rng=random.Random(0))
     try:
-        assert lonely.make_sync_request(random.Random(0)) is None
+        assert lonely.on_timer(ROUND) == [After(MeshConfig().sync_interval, ROUND)]
     finally:
         lonely.close()
 
@@ -118,11 +196,11 @@ def test_no_sync_request_without_known_peers(tmp_path):
 def test_trace_describes_only_packets_still_held_and_the_log_is_cleaned(pair, alice, bob):
     a, b, clock = pair
     packet_id = post(a, alice, bob, "short-lived")
-    assert a.trace(packet_id)["hops"] == 0
+    assert ask(a, f"GET /trace/{packet_id}").body == {"received_at": format_timestamp(clock()), "hops": 0, "from": None}
     clock.advance(timedelta(days=8))
-    assert a.trace(packet_id) is None  # expired: no trace even before the sweep
-    clock.advance(a.config.sweep_interval)
-    assert a.tick() == 1
-    assert a.mailbox.connection().execute("SELECT count(*) FROM relay_log").fetchone()[0] == 0
+    assert_refused(ask(a, f"GET /trace/{packet_id}"), 404, "not_found")  # expired: no trace even before the sweep
+    assert_refused(ask(a, "GET /trace/not-an-id"), 400, "invalid_packet")
+    a.on_timer(("mailbox", "sweep"))
+    assert a.db.execute("SELECT count(*) FROM relay_log").fetchone()[0] == 0
     again = post(a, alice, bob, "short-lived")  # a new packet (new box), traced afresh
-    assert a.trace(again)["hops"] == 0
+    assert ask(a, f"GET /trace/{again}").body["hops"] == 0

@@ -1,5 +1,5 @@
-"""The mesh (server-to-server broadcast): real `bubble-ref node --peer ...` subprocesses on 127.0.0.1, plus the
-sans-IO `MeshNode` on manual clocks for expiry and the relay signature helpers.
+"""The mesh (server-to-server broadcast): real `bubble-ref node --peer ...` subprocesses on 127.0.0.1, plus mesh
+nodes in process, sans IO, on manual clocks (expiry, retries, the relay window) and the relay signature helpers.
 
 Nothing here asserts on wall-clock durations: every wait is a poll with a deadline. Every process a test starts
 is registered with a `Launcher` first and stopped (SIGTERM, SIGKILL as a last resort) at teardown.
@@ -10,98 +10,26 @@ import base64
 import json
 import random
 import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import requests
 
 from bubble_ref.crypto import Identity
 from bubble_ref.envelope import check_packet, make_retrieval_proof, open_message, seal
-from bubble_ref.mesh import HOP_LIMIT, MeshNode, canonical_bytes, free_port, line_topology, sign_relay
+from bubble_ref.mesh import (
+    HOP_LIMIT, MeshConfig, RelayReceived, RelaySent, canonical_bytes, open_mesh_node, sign_body, sign_relay,
+    verify_body)
+from bubble_ref.node import After, NodeConfig
 from bubble_ref.packets import format_timestamp, parse_timestamp
 from bubble_ref.store import ManualClock
 
-from nodes import BUBBLE_REF, HTTP_TIMEOUT, NodeProcess, assert_error, fetch_all
-
-WAIT = 30.0  # seconds: the longest any poll waits before the test fails
-POLL = 0.05  # seconds between two polls
+from inproc import ask, calls, carry, pin, timers
+from nodes import HTTP_TIMEOUT, Launcher, MeshProcess, NodeProcess, assert_error, fetch_all, wait_until
 
 
 # ------------------------------------------------------------------- helpers
-
-class MeshProcess(NodeProcess):
-    """A `bubble-ref node` on a port fixed before it starts (so its peers can list it), joined to `peers`.
-
-    `--retry-max 1` keeps retries to a dead peer quick. `--sync-interval 3600` keeps the anti-entropy worker
-    (which pulls what a peer stored, hop limit or not) out of the way: these tests are about the flood and its
-    outbox, and a sync round landing mid-test would hide a lost relay or store a packet at hop 16.
-    """
-
-    def __init__(self, data_dir: Path, name: str, port: int, peers: list[str], *extra_args: str):
-        super().__init__(data_dir, name, *extra_args)
-        self.port, self.peers = port, list(peers)
-
-    @property
-    def command(self) -> list[str]:
-        peer_args = [a for url in self.peers for a in ("--peer", url)]
-        return [str(BUBBLE_REF), "node", "--host", "127.0.0.1", "--port", str(self.port),
-                "--data-dir", str(self.data_dir), "--name", self.name, *peer_args, "--retry-max", "1",
-                "--sync-interval", "3600", *self.extra_args]
-
-    @property
-    def fixed_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def again(self) -> "MeshProcess":
-        "A new (not yet started) process with the same data directory, port, name and peers: a restart."
-        return MeshProcess(self.data_dir, self.name, self.port, self.peers, *self.extra_args)
-
-    def server_key(self) -> Identity:
-        return Identity.load(self.data_dir / "server_key.pem")
-
-
-class Launcher:
-    "Starts mesh processes and remembers every one, so teardown stops them all, whatever the test did."
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.started: list[NodeProcess] = []
-
-    def line(self, names: str) -> dict[str, MeshProcess]:
-        "Unstarted processes for a line of nodes named by the letters of `names`, on ports chosen now."
-        ports = {n: free_port() for n in names}
-        links = line_topology(len(names))
-        return {n: MeshProcess(self.root / n, n, ports[n],
-                               [f"http://127.0.0.1:{ports[names[j]]}" for j in links[i]])
-                for i, n in enumerate(names)}
-
-    def start(self, *procs: MeshProcess) -> None:
-        "Start the processes in parallel and wait for each announce line (on its own fixed port)."
-        self.started.extend(procs)
-        with ThreadPoolExecutor(max_workers=len(procs)) as pool:
-            for proc in pool.map(lambda p: p.start(), procs):
-                assert proc.url == proc.fixed_url, (proc.announce, proc.fixed_url)
-
-    def stop_all(self) -> None:
-        for proc in self.started:
-            proc.stop()  # SIGTERM, then SIGKILL if it does not exit in time; a no-op if it already exited
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = WAIT):
-    "Poll `predicate` until it returns something truthy (returned); fail with `what` after `timeout` seconds."
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value {value!r})")
-        time.sleep(POLL)
-
 
 def status(proc: NodeProcess) -> dict:
     return proc.status()
@@ -377,78 +305,152 @@ def test_relays_refused_with_unknown_server_wait_in_the_outbox(launcher, alice, 
     assert sorted(mailbox_ids(b, bob)) == sorted(posted)
 
 
-# ------------------------------------------------- 5. expiry (sans-IO)
+# ------------------------------------------------- 5. in process, sans IO: expiry, retries, the window
 
 DAY = timedelta(days=1)
+START = datetime(2024, 6, 15, 12, 0, 0, tzinfo=timezone.utc)
+A_URL, B_URL, C_URL = "http://a.invalid", "http://b.invalid", "http://c.invalid"
 
 
-def retrieve_ids(node: MeshNode, who: Identity) -> list[str]:
-    page = node.retrieve(json.dumps(make_retrieval_proof(who).to_dict()))
-    return [m["packet_id"] for m in page["messages"]]
+def mesh_node(path: Path, clock, peers: tuple[str, ...], url: str, **mesh):
+    node = open_mesh_node(path, peers=peers, clock=clock, rng=random.Random(0), config=NodeConfig(name=path.name),
+                          mesh=MeshConfig(**mesh))
+    node.url = url
+    return node
 
 
-def test_relayed_copy_expires_with_the_original(tmp_path, alice, bob):
-    start = datetime(2024, 6, 15, 12, 0, 0, tzinfo=timezone.utc)
-    clock_a, clock_b = ManualClock(start), ManualClock(start)
-    a = MeshNode.open(tmp_path / "a", peers=("http://b.invalid",), clock=clock_a)
-    b = MeshNode.open(tmp_path / "b", peers=("http://a.invalid", "http://c.invalid"), clock=clock_b)
+@pytest.fixture
+def pair(tmp_path):
+    "A (peer: B) and B (peers: A and C, C never answers), each on its own manual clock; B has pinned A."
+    clock_a, clock_b = ManualClock(START), ManualClock(START)
+    a = mesh_node(tmp_path / "a", clock_a, (B_URL,), A_URL)
+    b = mesh_node(tmp_path / "b", clock_b, (A_URL, C_URL), B_URL)
+    pin(b, A_URL, a)
+    yield a, b, clock_a, clock_b
+    a.close()
+    b.close()
+
+
+def retrieve_ids(node, who: Identity) -> list[str]:
+    reply = ask(node, "GET /messages", make_retrieval_proof(who).to_dict())
+    assert reply.status == 200, reply
+    return [m["packet_id"] for m in reply.body["messages"]]
+
+
+def node_trace(node, packet_id: str):
+    reply = ask(node, f"GET /trace/{packet_id}")
+    return reply.body if reply.status == 200 else None
+
+
+def outbox(node) -> int:
+    return node.roles["broadcast"].outbox_size()
+
+
+def test_relayed_copy_expires_with_the_original(pair, alice, bob):
+    a, b, clock_a, clock_b = pair
+    packet, pid = fresh_packet(alice, bob, "sent on day 0")
+    answer = ask(a, "POST /messages", packet)
+    assert answer.body["stored"] is True and answer.body["packet_id"] == pid
+    assert parse_timestamp(answer.body["expires_at"]) == START + 7 * DAY
+    first, = calls(answer.actions, "/relay")
+    assert first.url == f"{B_URL}/relay" and first.body["hops"] == 1
+
+    # B is unreachable for six days: the relay waits in A's outbox and is tried again when its timer fires
+    retry = timers(a.on_answer(first.tag, None, None))
+    assert retry == [After(MeshConfig().retry_base, ("broadcast", "wake", B_URL))]
+    clock_a.advance(6 * DAY)
+    clock_b.advance(6 * DAY)
+    again, = calls(a.on_timer(retry[0].tag), "/relay")
+    body = again.body
+    assert parse_timestamp(body["expires_at"]) == START + 7 * DAY and body["hops"] == 1
+    assert parse_timestamp(body["sent_at"]) == START + 6 * DAY, "signed afresh when sent"
+    relayed = ask(b, "POST /relay", body)
+    assert relayed.status == 202 and relayed.body["stored"] is True
+    assert parse_timestamp(relayed.body["expires_at"]) == START + 7 * DAY  # not day 13: the origin's expiry
+    assert a.on_answer(again.tag, relayed.status, relayed.body) == []
+    assert node_trace(b, pid)["hops"] == 1 and node_trace(b, pid)["from"] == a.id
+    assert outbox(a) == 0 and outbox(b) == 1  # B queues it for C only
+    onward, = calls(relayed.actions, "/relay")
+    assert onward.url == f"{C_URL}/relay" and parse_timestamp(onward.body["expires_at"]) == START + 7 * DAY
+
+    clock_a.now = clock_b.now = START + timedelta(days=6.9)
+    assert retrieve_ids(a, bob) == [pid]
+    assert retrieve_ids(b, bob) == [pid]
+    wake = timers(b.on_answer(onward.tag, None, None))  # C does not answer either
+
+    clock_a.now = clock_b.now = START + timedelta(days=7.01)
+    assert retrieve_ids(a, bob) == []
+    assert retrieve_ids(b, bob) == []
+    assert calls(b.on_timer(wake[0].tag)) == []  # an expired packet is not sent on ...
+    assert outbox(b) == 0  # ... and leaves the outbox
+
+
+def test_relay_already_expired_is_not_stored(pair, alice, bob):
+    a, b, clock_a, clock_b = pair
+    for expires_at in (START - timedelta(minutes=1), START):  # in the past, and exactly now
+        packet, pid = fresh_packet(alice, bob, f"expired at {expires_at}")
+        body = sign_relay(a.identity, packet, pid, expires_at, 1, START - DAY)
+        answer = ask(b, "POST /relay", body)
+        assert answer.status == 202 and answer.body["stored"] is False and answer.body["packet_id"] == pid
+        assert answer.actions == ()
+        assert not b.mailbox.contains(pid)
+        assert node_trace(b, pid) is None
+        assert outbox(b) == 0
+    assert b.mailbox.count() == 0
+    assert retrieve_ids(b, bob) == []
+
+
+def test_retries_back_off_up_to_retry_max_and_a_refusal_for_now_waits(tmp_path, alice, bob):
+    clock = ManualClock(START)
+    a = mesh_node(tmp_path / "a", clock, (B_URL,), A_URL, retry_base=timedelta(seconds=1),
+                  retry_max=timedelta(seconds=10))
     try:
-        b.learn_peer("http://a.invalid", a.status())
-        packet, pid = fresh_packet(alice, bob, "sent on day 0")
-        answer = a.submit(json.dumps(packet))
-        assert answer["stored"] is True and answer["packet_id"] == pid
-        assert parse_timestamp(answer["expires_at"]) == start + 7 * DAY
-
-        clock_a.advance(6 * DAY)
-        clock_b.advance(6 * DAY)
-        deliveries = a.next_deliveries()
-        assert [(d.peer, d.packet_id) for d in deliveries] == [("http://b.invalid", pid)]
-        body = deliveries[0].body
-        assert parse_timestamp(body["expires_at"]) == start + 7 * DAY and body["hops"] == 1
-        relayed = b.relay_in(json.dumps(body))
-        a.delivered(deliveries[0])
-        assert relayed["stored"] is True
-        assert parse_timestamp(relayed["expires_at"]) == start + 7 * DAY  # not day 13: the origin's expiry
-        assert b.trace(pid)["hops"] == 1 and b.trace(pid)["from"] == a.id
-        assert a.outbox_size() == 0 and b.outbox_size() == 1  # B queues it for C only
-
-        clock_a.now = clock_b.now = start + timedelta(days=6.9)
-        assert retrieve_ids(a, bob) == [pid]
-        assert retrieve_ids(b, bob) == [pid]
-        onward = b.next_deliveries()
-        assert len(onward) == 1 and onward[0].peer == "http://c.invalid"
-        assert parse_timestamp(onward[0].body["expires_at"]) == start + 7 * DAY
-
-        clock_a.now = clock_b.now = start + timedelta(days=7.01)
-        assert retrieve_ids(a, bob) == []
-        assert retrieve_ids(b, bob) == []
-        assert b.next_deliveries() == []  # an expired packet is not sent on
-        assert b.outbox_size() == 0
+        packet, pid = fresh_packet(alice, bob, "to a peer that is down")
+        call, = calls(ask(a, "POST /messages", packet).actions)
+        waits = []
+        for failure in [(None, None), (503, None), (403, {"error": "unknown_server", "detail": "who?"})] * 2:
+            wake, = timers(a.on_answer(call.tag, *failure))
+            waits.append(wake.delay.total_seconds())
+            clock.advance(wake.delay)
+            call, = calls(a.on_timer(wake.tag))
+        assert waits == [1, 2, 4, 8, 10, 10], "doubling from retry_base, capped at retry_max"
+        assert outbox(a) == 1, "no answer, a 5xx and 403 unknown_server are 'not yet': the relay waits"
+        assert a.on_answer(call.tag, 400, {"error": "invalid_packet", "detail": "no"}) == []
+        assert outbox(a) == 0, "any other refusal is final: the peer declined it"
     finally:
         a.close()
-        b.close()
 
 
-def test_relay_already_expired_is_not_stored(tmp_path, alice, bob):
-    start = datetime(2024, 6, 15, 12, 0, 0, tzinfo=timezone.utc)
-    clock = ManualClock(start)
-    a = MeshNode.open(tmp_path / "a", peers=("http://b.invalid",), clock=ManualClock(start))
-    b = MeshNode.open(tmp_path / "b", peers=("http://a.invalid", "http://c.invalid"), clock=clock)
+def test_relays_in_flight_to_one_peer_are_bounded_by_the_window(tmp_path, alice, bob):
+    clock = ManualClock(START)
+    a = mesh_node(tmp_path / "a", clock, (B_URL,), A_URL, relay_window=3)
     try:
-        b.learn_peer("http://a.invalid", a.status())
-        for expires_at in (start - timedelta(minutes=1), start):  # in the past, and exactly now
-            packet, pid = fresh_packet(alice, bob, f"expired at {expires_at}")
-            body = sign_relay(a.identity, packet, pid, expires_at, 1, start - timedelta(days=1))
-            answer = b.relay_in(json.dumps(body))
-            assert answer["stored"] is False and answer["packet_id"] == pid
-            assert not b.mailbox.contains(pid)
-            assert b.trace(pid) is None
-            assert b.outbox_size() == 0
-        assert b.mailbox.count() == 0
-        assert retrieve_ids(b, bob) == []
+        sent = []
+        for i in range(5):
+            packet, _ = fresh_packet(alice, bob, f"#{i}")
+            sent += calls(ask(a, "POST /messages", packet).actions)
+        assert len(sent) == 3 and outbox(a) == 5, "three in flight, two waiting in the outbox"
+        delivered = a.on_answer(sent[0].tag, 202, {})
+        assert len(calls(delivered)) == 1 and outbox(a) == 4, "an answer frees a place: the next relay goes"
+        assert a.on_answer(sent[0].tag, 202, {}) == [], "a second answer to the same relay is ignored"
     finally:
         a.close()
-        b.close()
+
+
+def test_relay_outcomes_are_events(pair, alice, bob):
+    "What the ledger (notebook 09) learns from the broadcast: RelayReceived and RelaySent."
+    a, b, clock_a, clock_b = pair
+    seen = []
+    for node in (a, b):
+        node.on(RelayReceived, lambda e, n=node.config.name: seen.append((n, "received", e.outcome)) or [])
+        node.on(RelaySent, lambda e, n=node.config.name: seen.append((n, "sent", e.outcome)) or [])
+    pin(a, B_URL, b)
+    packet, pid = fresh_packet(alice, bob, "events")
+    call, = calls(ask(a, "POST /messages", packet).actions)
+    carry(a, call, {B_URL: b})
+    too_far = sign_relay(a.identity, packet, pid, START + DAY, HOP_LIMIT + 1, START)
+    assert ask(b, "POST /relay", too_far).status == 400
+    assert seen == [("b", "received", "accepted"), ("a", "sent", "delivered"), ("b", "received", "refused")]
 
 
 # ---------------------------------------- 6. canonical bytes and signatures
@@ -486,3 +488,13 @@ def test_sign_relay_verifies_with_the_server_key(alice, mallory):
     assert not alice.public.verify(signature, canonical_bytes(body))  # another server's key
     assert not mallory.public.verify(signature, canonical_bytes({**body, "hops": 3}))
     assert not mallory.public.verify(signature, canonical_bytes({**body, "sender_id": alice.id}))
+
+
+def test_verify_body_is_the_checking_side_of_sign_body(alice, mallory):
+    body = sign_body(alice, {"type": "x", "n": 1, "text": "é"})
+    assert verify_body(alice.public, body) and verify_body(alice.public, dict(reversed(list(body.items()))))
+    assert not verify_body(mallory.public, body)
+    assert not verify_body(alice.public, {**body, "n": 2})
+    for broken in ({k: v for k, v in body.items() if k != "signature"}, {**body, "signature": "not base64!"},
+                   {**body, "signature": None}):
+        assert verify_body(alice.public, broken) is False

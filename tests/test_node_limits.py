@@ -1,19 +1,24 @@
 """Regressions at the edges of what a node accepts: nesting depth and the exact size limit."""
+import random
+
 import pytest
 import requests
 
-from bubble_ref.node import Node, NodeConfig, NodeError
+from bubble_ref.node import NodeConfig, Request, open_relay_node
+from bubble_ref.packets import system_clock
 from bubble_ref.relay import start_server
+from bubble_ref.store import ManualClock
 
 JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = start_server(Node.open(tmp_path_factory.mktemp("limits"), config=NodeConfig(name="limits")))
+    node = open_relay_node(tmp_path_factory.mktemp("limits"), clock=system_clock, rng=random.Random(),
+                           config=NodeConfig(name="limits"))
+    running = start_server(node)
     yield running
-    running.stop()
-    running.node.close()
+    running.stop()  # stops the driver and the server, then closes the node
 
 
 @pytest.mark.parametrize("path, method", [("/messages", "POST"), ("/messages", "GET")])
@@ -25,13 +30,13 @@ def test_deeply_nested_json_is_a_400_not_a_500(server, path, method, depth):
     assert "JSON" in response.json()["detail"]
 
 
-def test_node_logic_refuses_deep_nesting_with_a_node_error(tmp_path):
-    node = Node.open(tmp_path)
+def test_node_logic_refuses_deep_nesting_with_a_json_error(tmp_path):
+    node = open_relay_node(tmp_path, clock=ManualClock(), rng=random.Random(0))
     try:
-        with pytest.raises(NodeError) as caught:
-            node.submit(b"[" * 5000)
-        assert (caught.value.status, caught.value.code) == (400, "invalid_packet")
-        assert "nested too deeply" in caught.value.detail
+        reply = node.on_request(Request("POST /messages", b"[" * 5000))
+        assert (reply.status, reply.body["error"]) == (400, "invalid_packet")
+        assert "nested too deeply" in reply.body["detail"]
+        assert node.mailbox.count() == 0
     finally:
         node.close()
 

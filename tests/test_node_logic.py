@@ -1,7 +1,12 @@
-"""The node's logic in process, sans IO: `Node` and `Mailbox` on a ManualClock, no sockets, no wall clock."""
+"""The node's logic in process, sans IO: `Node` with its `MailboxService` on a ManualClock, and `Mailbox`.
+
+Every request is a `Request` given to `node.on_request`, every timer an `on_timer` call: no sockets, no threads,
+no wall clock. What a driver would do with the returned actions is checked on the actions themselves.
+"""
 from __future__ import annotations
 
 import json
+import random
 import stat
 from datetime import timedelta
 
@@ -9,13 +14,18 @@ import pytest
 
 from bubble_ref import __version__
 from bubble_ref.envelope import PHRASE, PROOF_WINDOW, make_retrieval_proof, open_message, packet_id, seal
-from bubble_ref.node import LoadMeter, Node, NodeConfig, NodeError
+from bubble_ref.node import (
+    After, LoadMeter, MailboxService, Node, NodeConfig, NodeError, PacketStored, PacketStoring, Reply, Request, Route,
+    Swept, open_relay_node)
 from bubble_ref.packets import MAX_PACKET_BYTES, ClientMessagePacket, format_timestamp
 from bubble_ref.store import MAX_PAGE_SIZE, RETENTION, ManualClock, Mailbox, StoreError
+
+from inproc import ask, assert_refused
 
 R1, R2, NOBODY = "01" * 32, "02" * 32, "00" * 32  # recipient ids: 64 hex characters, as the store requires
 
 DAY = timedelta(days=1)
+SWEEP = ("mailbox", "sweep")
 
 
 @pytest.fixture
@@ -23,16 +33,20 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+def relay_node(path, clock, **config) -> Node:
+    return open_relay_node(path, clock=clock, rng=random.Random(0), config=NodeConfig(**config))
+
+
 @pytest.fixture
 def node(tmp_path, clock):
-    node = Node.open(tmp_path / "node", clock=clock, config=NodeConfig(name="logic node"))
+    node = relay_node(tmp_path / "node", clock, name="logic node")
     yield node
     node.close()
 
 
 @pytest.fixture
 def hardened(tmp_path, clock):
-    node = Node.open(tmp_path / "hardened", clock=clock, config=NodeConfig(proof_mode="hardened"))
+    node = relay_node(tmp_path / "hardened", clock, proof_mode="hardened")
     yield node
     node.close()
 
@@ -53,58 +67,71 @@ def spec_proof(identity, **changes) -> str:
     return json.dumps({**make_retrieval_proof(identity).to_dict(), **changes})
 
 
-def raises_node_error(status: int, code: str, phrase: str = ""):
-    "Context manager: the block raises NodeError(status, code) with `phrase` in its detail."
-    class Check:
-        def __enter__(self):
-            self.ctx = pytest.raises(NodeError)
-            self.info = self.ctx.__enter__()
-            return self.info
+def submit(node: Node, body) -> Reply:
+    return ask(node, "POST /messages", body)
 
-        def __exit__(self, *exc):
-            handled = self.ctx.__exit__(*exc)
-            error = self.info.value
-            assert (error.status, error.code) == (status, code), error
-            assert phrase in error.detail, error.detail
-            assert error.to_dict() == {"error": code, "detail": error.detail}
-            return handled
-    return Check()
+
+def retrieve(node: Node, body) -> Reply:
+    return ask(node, "GET /messages", body)
+
+
+def messages(node: Node, body) -> list[dict]:
+    reply = retrieve(node, body)
+    assert reply.status == 200, reply
+    return reply.body["messages"]
+
+
+def sweeps(node: Node) -> list[int]:
+    "Record how many packets each sweep batch removes (the Swept events)."
+    removed: list[int] = []
+    node.on(Swept, lambda event: removed.append(event.removed) or [])
+    return removed
 
 
 # ------------------------------------------------------------------ 1. expiry through the node
 
 def test_message_lives_seven_days_then_is_swept(node, clock, to_bob, bob):
-    answer = node.submit(to_bob.to_json())
+    removed = sweeps(node)
+    reply = submit(node, to_bob.to_json())
+    assert reply.status == 202 and reply.actions == ()  # a relay-only node has nobody to tell
+    answer = reply.body
     assert answer == {"packet_id": packet_id(to_bob), "stored": True,
                       "expires_at": format_timestamp(clock() + RETENTION)}
 
     clock.advance(6 * DAY)
-    page = node.retrieve(spec_proof(bob))
-    assert [m["packet_id"] for m in page["messages"]] == [answer["packet_id"]]
-    assert page["messages"][0]["received_at"] == format_timestamp(clock() - 6 * DAY)
-    assert open_message(bob, page["messages"][0]["packet"]).content == "expires in a week"
+    page = messages(node, spec_proof(bob))
+    assert [m["packet_id"] for m in page] == [answer["packet_id"]]
+    assert page[0]["received_at"] == format_timestamp(clock() - 6 * DAY)
+    assert open_message(bob, page[0]["packet"]).content == "expires in a week"
 
     clock.advance(2 * DAY)  # day 8
-    assert node.retrieve(spec_proof(bob))["messages"] == []
+    assert messages(node, spec_proof(bob)) == []
     assert node.mailbox.count() == 1, "hidden, but still on disk until a sweep"
 
-    assert node.tick() == 1  # more than the sweep interval has passed since the node opened
+    assert node.on_timer(SWEEP) == [After(node.config.sweep_interval, SWEEP)], "then the next sweep, an interval on"
+    assert removed == [1]
     assert node.mailbox.count() == 0
     assert not node.mailbox.contains(answer["packet_id"])
-    assert node.tick() == 0, "the next sweep waits for the interval"
+    assert node.on_timer(SWEEP) == [After(node.config.sweep_interval, SWEEP)] and removed == [1, 0]
 
 
-def test_tick_runs_once_per_interval(tmp_path, clock, to_bob):
-    node = Node.open(tmp_path, clock=clock, config=NodeConfig(sweep_interval=timedelta(minutes=10)))
+def test_the_first_sweep_is_an_interval_after_the_start(node):
+    assert node.start() == [After(node.config.sweep_interval, SWEEP)]
+
+
+def test_a_big_sweep_goes_in_batches_back_to_back(tmp_path, clock):
+    "The old `tick()` ran once per interval; now the node asks for its next sweep: at once while batches are full."
+    node = relay_node(tmp_path / "n", clock, sweep_batch=2, sweep_interval=timedelta(minutes=10))
+    removed = sweeps(node)
     try:
-        node.submit(to_bob.to_json())
-        clock.advance(RETENTION + timedelta(minutes=9))  # expired, and 7 days since the last sweep
-        assert node.tick() == 1
-        node.mailbox.store("f" * 64, "ee" * 32, "{}", expires_at=clock() + timedelta(minutes=1))
-        clock.advance(timedelta(minutes=5))  # expired, but only 5 minutes since the last sweep
-        assert node.tick() == 0 and node.mailbox.count() == 1
-        clock.advance(timedelta(minutes=5))
-        assert node.tick() == 1 and node.mailbox.count() == 0
+        for i in range(5):
+            node.mailbox.store(f"{i:064x}", R1, "{}", expires_at=clock() + timedelta(minutes=1))
+        node.mailbox.store("f" * 64, R1, "{}")  # lives on
+        clock.advance(timedelta(minutes=1))
+        nexts = [node.on_timer(SWEEP) for _ in range(3)]
+        assert removed == [2, 2, 1]
+        assert nexts == [[After(timedelta(0), SWEEP)]] * 2 + [[After(timedelta(minutes=10), SWEEP)]]
+        assert node.mailbox.count() == 1 and node.mailbox.contains("f" * 64)
     finally:
         node.close()
 
@@ -189,6 +216,14 @@ def test_fetch_hides_expired_rows_before_any_sweep(mailbox, clock):
     assert mailbox.count() == 1 and mailbox.contains("b" * 64)
 
 
+def test_sweep_batch_deletes_at_most_a_batch(mailbox, clock):
+    for i in range(5):
+        mailbox.store(f"{i:064x}", R1, "{}", expires_at=clock() + timedelta(minutes=1))
+    clock.advance(timedelta(minutes=1))
+    assert [mailbox.sweep_batch(2) for _ in range(4)] == [2, 2, 1, 0]
+    assert mailbox.count() == 0
+
+
 def test_mailbox_survives_reopening(tmp_path, clock):
     path = tmp_path / "m.sqlite3"
     first = Mailbox(path, clock=clock)
@@ -204,13 +239,17 @@ def test_mailbox_survives_reopening(tmp_path, clock):
 
 def test_server_key_is_created_once(tmp_path, clock):
     data = tmp_path / "fresh"
-    first = Node.open(data, clock=clock)
+    first = Node.open(data, clock=clock, rng=random.Random(0))
     first.close()
     key_file = data / "server_key.pem"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     pem = key_file.read_bytes()
-    second = Node.open(data, clock=clock)
+
+    def must_not_be_called():
+        raise AssertionError("a node with a key file must not make a new key")
+
+    second = Node.open(data, clock=clock, rng=random.Random(0), new_identity=must_not_be_called)
     try:
         assert second.id == first.id
         assert key_file.read_bytes() == pem
@@ -219,9 +258,20 @@ def test_server_key_is_created_once(tmp_path, clock):
         second.close()
 
 
+def test_the_key_factory_is_injected(tmp_path, clock, alice):
+    "Sans IO: the node makes its first key with the factory it is given (tests and the simulator use fixed keys)."
+    node = Node.open(tmp_path / "given", clock=clock, rng=random.Random(0), new_identity=lambda: alice)
+    try:
+        assert node.id == alice.id and node.new_identity() is alice
+    finally:
+        node.close()
+
+
 def test_status_fields(node, clock, to_bob):
-    node.submit(to_bob.to_json())
-    status = node.status()
+    submit(node, to_bob.to_json())
+    reply = ask(node, "GET /status")
+    assert reply.status == 200 and reply.actions == ()
+    status = reply.body
     assert status["name"] == "logic node"
     assert status["server_id"] == node.id == node.identity.id
     assert status["public_key"] == node.identity.public.b64
@@ -252,50 +302,45 @@ def test_load_meter_sliding_window(clock):
 
 def test_node_load_counts_every_request(node, clock, to_bob, bob):
     for _ in range(3):
-        node.submit(to_bob.to_json())
-    node.retrieve(spec_proof(bob))
-    with pytest.raises(NodeError):
-        node.submit("{")  # refused requests are load too
-    assert node.load.per_second() == round(5 / 60, 3)
+        submit(node, to_bob.to_json())
+    retrieve(node, spec_proof(bob))
+    assert submit(node, "{").status == 400  # refused requests are load too ...
+    assert node.on_request(Request("DELETE /messages")).status == 404  # ... and so are requests for no endpoint
+    assert node.load.per_second() == round(6 / 60, 3)
     clock.advance(timedelta(seconds=61))
     assert node.load.per_second() == 0
-    assert node.status()["load"] == round(1 / 60, 3), "only the status request itself"
+    assert ask(node, "GET /status").body["load"] == round(1 / 60, 3), "only the status request itself"
 
 
 # ------------------------------------------------------------------ 3. hardened proofs
 
 def test_hardened_proof_works_once(hardened, clock, alice, bob):
-    hardened.submit(seal(alice, bob.public.b64, "hardened").to_json())
+    assert submit(hardened, seal(alice, bob.public.b64, "hardened").to_json()).status == 202
     proof = make_retrieval_proof(bob, server_id=hardened.id, clock=clock).to_json()
-    assert len(hardened.retrieve(proof)["messages"]) == 1
-    with raises_node_error(401, "proof_replayed", "already used"):
-        hardened.retrieve(proof)
+    assert len(messages(hardened, proof)) == 1
+    assert_refused(retrieve(hardened, proof), 401, "proof_replayed", "already used")
     clock.advance(timedelta(seconds=1))
     fresh = make_retrieval_proof(bob, server_id=hardened.id, clock=clock).to_json()
-    assert len(hardened.retrieve(fresh)["messages"]) == 1
+    assert len(messages(hardened, fresh)) == 1
 
 
 def test_hardened_proof_expires(hardened, clock, bob):
     proof = make_retrieval_proof(bob, server_id=hardened.id, clock=clock).to_json()
     clock.advance(timedelta(minutes=10))
-    with raises_node_error(401, "proof_expired", "window"):
-        hardened.retrieve(proof)
+    assert_refused(retrieve(hardened, proof), 401, "proof_expired", "window")
     future = make_retrieval_proof(bob, server_id=hardened.id,
                                   clock=lambda: clock() + PROOF_WINDOW + timedelta(seconds=1)).to_json()
-    with raises_node_error(401, "proof_expired"):
-        hardened.retrieve(future)
+    assert_refused(retrieve(hardened, future), 401, "proof_expired")
     at_edge = make_retrieval_proof(bob, server_id=hardened.id, clock=lambda: clock() - PROOF_WINDOW).to_json()
-    assert hardened.retrieve(at_edge)["messages"] == []
+    assert messages(hardened, at_edge) == []
 
 
 def test_hardened_node_refuses_spec_and_foreign_proofs(hardened, clock, bob, mallory):
-    with raises_node_error(401, "bad_proof", "timestamp"):
-        hardened.retrieve(spec_proof(bob))
-    with raises_node_error(401, "bad_proof", "wrong server"):
-        hardened.retrieve(make_retrieval_proof(bob, server_id="0" * 64, clock=clock).to_json())
+    assert_refused(retrieve(hardened, spec_proof(bob)), 401, "bad_proof", "timestamp")
+    assert_refused(retrieve(hardened, make_retrieval_proof(bob, server_id="0" * 64, clock=clock).to_json()),
+                   401, "bad_proof", "wrong server")
     stolen = make_retrieval_proof(mallory, server_id=hardened.id, clock=clock).to_dict()
-    with raises_node_error(401, "bad_proof"):
-        hardened.retrieve(json.dumps({**stolen, "public_key": bob.public.b64}))
+    assert_refused(retrieve(hardened, json.dumps({**stolen, "public_key": bob.public.b64})), 401, "bad_proof")
 
 
 def test_node_config_refuses_unknown_proof_mode():
@@ -303,7 +348,7 @@ def test_node_config_refuses_unknown_proof_mode():
         NodeConfig(proof_mode="lenient")
 
 
-# ------------------------------------------------------------------ 4. NodeError for bad input
+# ------------------------------------------------------------------ 4. JSON errors for bad input
 
 @pytest.mark.parametrize("body, status, code, phrase", [
     ("{", 400, "invalid_packet", "invalid JSON"),
@@ -313,22 +358,20 @@ def test_node_config_refuses_unknown_proof_mode():
     ("x" * (MAX_PACKET_BYTES + 1), 413, "too_large", str(MAX_PACKET_BYTES)),
 ])
 def test_submit_refuses(node, body, status, code, phrase):
-    with raises_node_error(status, code, phrase):
-        node.submit(body)
+    assert_refused(submit(node, body), status, code, phrase)
     assert node.mailbox.count() == 0
 
 
 def test_submit_refuses_a_broken_box(node, to_bob):
     broken = {**to_bob.to_dict(), "signature": to_bob.to_dict()["message"][:860]}
-    with raises_node_error(400, "invalid_packet", "box is"):
-        node.submit(json.dumps(broken))
+    assert_refused(submit(node, json.dumps(broken)), 400, "invalid_packet", "box is")
 
 
 def test_submit_dedups_the_same_packet_spelled_with_a_pem_recipient(node, to_bob, bob):
-    first = node.submit(to_bob.to_json())
-    pem = node.submit(json.dumps({**to_bob.to_dict(), "recipient": bob.public.pem}))
+    first = submit(node, to_bob.to_json()).body
+    pem = submit(node, json.dumps({**to_bob.to_dict(), "recipient": bob.public.pem})).body
     assert pem["packet_id"] == first["packet_id"] and pem["stored"] is False
-    stored = node.retrieve(spec_proof(bob))["messages"]
+    stored = messages(node, spec_proof(bob))
     assert [m["packet"]["recipient"] for m in stored] == [bob.public.b64], "stored in canonical form"
 
 
@@ -341,8 +384,7 @@ def test_submit_dedups_the_same_packet_spelled_with_a_pem_recipient(node, to_bob
     (lambda bob, mallory: " " * (MAX_PACKET_BYTES + 1), 413, "too_large", "bytes"),
 ])
 def test_retrieve_refuses(node, bob, mallory, make_body, status, code, phrase):
-    with raises_node_error(status, code, phrase):
-        node.retrieve(make_body(bob, mallory))
+    assert_refused(retrieve(node, make_body(bob, mallory)), status, code, phrase)
 
 
 @pytest.mark.parametrize("bad_id", ["r1", "ab" * 31, "zz" * 32, ""])
@@ -355,3 +397,90 @@ def test_mailbox_refuses_ids_that_are_not_64_hex_characters(tmp_path, bad_id):
             mailbox.fetch(bad_id)
     finally:
         mailbox.close()
+
+
+def test_node_error_is_the_json_error_of_a_reply():
+    error = NodeError(403, "nope", "because")
+    assert (error.status, error.code, error.detail) == (403, "nope", "because")
+    assert error.to_dict() == {"error": "nope", "detail": "because"} and "403 nope: because" in str(error)
+
+
+def test_an_unknown_route_is_a_404(node):
+    assert_refused(node.on_request(Request("DELETE /messages")), 404, "not_found", "DELETE /messages")
+    assert_refused(node.on_request(Request("GET /admin")), 404, "not_found")
+
+
+# ------------------------------------------------------------------ 5. roles, routes and events
+
+def test_a_relay_node_serves_the_client_api(node):
+    assert sorted(route.name for route in node.routes()) == ["GET /messages", "GET /status", "POST /messages"]
+    assert isinstance(node.roles["mailbox"], MailboxService)
+    assert {r.name: r.json_body for r in node.routes()} == {"POST /messages": True, "GET /messages": True,
+                                                           "GET /status": False}
+
+
+class Echo:
+    "A role for the tests: POST /echo answers with its body; its timer and answers are recorded."
+    name = "echo"
+
+    def __init__(self, node, rule="/echo"):
+        self.node, self.rule, self.seen = node, rule, []
+
+    def routes(self):
+        return [Route("POST", self.rule, lambda request: Reply(200, json.loads(request.body)), json_body=True)]
+
+    def on_timer(self, tag):
+        self.seen.append(("timer", tag))
+        return [After(timedelta(seconds=1), tag)]
+
+    def on_answer(self, tag, status, body):
+        self.seen.append(("answer", tag, status, body))
+        return []
+
+
+def test_roles_add_routes_and_receive_their_own_timers_and_answers(node):
+    echo = node.add(Echo(node))
+    assert ask(node, "POST /echo", {"hello": "bubble"}).body == {"hello": "bubble"}
+    assert node.on_timer(("echo", "tick")) == [After(timedelta(seconds=1), ("echo", "tick"))]
+    assert node.on_answer(("echo", "call"), None, None) == []
+    assert echo.seen == [("timer", ("echo", "tick")), ("answer", ("echo", "call"), None, None)]
+
+
+def test_two_roles_may_not_share_a_name_or_a_route(node):
+    node.add(Echo(node))
+    with pytest.raises(ValueError, match="named 'echo'"):
+        node.add(Echo(node, rule="/other"))
+    other = Echo(node)
+    other.name = "echo2"
+    with pytest.raises(ValueError, match="POST /echo"):
+        node.add(other)
+
+
+def test_a_bug_in_a_handler_raises_instead_of_becoming_a_refusal(node):
+    "Only NodeError is a refusal; any other exception is a bug the driver must see (a 500, a logged traceback)."
+    class Broken:
+        name = "broken"
+
+        def routes(self):
+            return [Route("GET", "/broken", lambda request: 1 / 0)]
+
+    node.add(Broken())
+    with pytest.raises(ZeroDivisionError):
+        node.on_request(Request("GET /broken"))
+
+
+def test_events_reach_their_listeners_in_order_with_their_actions(node, to_bob):
+    storing, stored = [], []
+    node.on(PacketStoring, lambda e: storing.append((e.row.packet_id, e.came_from, e.hops,
+                                                     e.db.execute("SELECT count(*) FROM messages").fetchone()[0]))
+            or [After(timedelta(seconds=1), ("a",))])
+    node.on(PacketStored, lambda e: stored.append((e.row.packet_id, e.created)) or [After(timedelta(seconds=2), ("b",))])
+    node.on(PacketStored, lambda e: [After(timedelta(seconds=3), ("c",))])
+    first = submit(node, to_bob.to_json())
+    pid = first.body["packet_id"]
+    assert storing == [(pid, None, 0, 1)], "inside the transaction: the row is already there"
+    assert first.actions == (After(timedelta(seconds=2), ("b",)), After(timedelta(seconds=3), ("c",))), \
+        "the actions of PacketStored listeners, in the order they were added (a storing listener's are not kept)"
+    again = submit(node, to_bob.to_json())
+    assert storing == [(pid, None, 0, 1)], "PacketStoring is for new packets only"
+    assert stored == [(pid, True), (pid, False)] and len(again.actions) == 2

@@ -1,6 +1,7 @@
 """The relay's OpenAPI document: valid OpenAPI 3.1, served at /openapi.json, and true to the Flask routes."""
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
@@ -8,8 +9,11 @@ import requests
 from openapi_spec_validator import validate
 
 from bubble_ref import __version__
-from bubble_ref.node import Node
+from bubble_ref.ballot import open_monitored_node
+from bubble_ref.node import NodeConfig, open_relay_node
+from bubble_ref.packets import system_clock
 from bubble_ref.relay import create_app, openapi_document, start_server
+from bubble_ref.store import ManualClock
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch"}
 # every status the relay answers /messages with besides success (404 is only for paths that do not exist)
@@ -18,12 +22,13 @@ MESSAGES_ERRORS = {"400", "401", "405", "413", "415"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = start_server(Node.open(tmp_path_factory.mktemp("openapi-node")), host="127.0.0.1", port=0)
+    node = open_relay_node(tmp_path_factory.mktemp("openapi-node"), clock=system_clock, rng=random.Random(),
+                           config=NodeConfig(name="openapi"))
+    running = start_server(node, host="127.0.0.1", port=0)
     try:
         yield running
     finally:
-        running.stop()
-        running.node.close()
+        running.stop()  # closes the node too
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,7 @@ def test_served_document_is_valid_and_the_same(served):
 
 
 def test_every_flask_route_is_documented(server, served):
-    app = create_app(server.node)
+    app = create_app(server.node, server.driver.request)
     routes = [rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"]
     assert {openapi_path(r.rule) for r in routes} >= {"/messages", "/status", "/openapi.json"}
     for rule in routes:
@@ -72,7 +77,7 @@ def test_every_flask_route_is_documented(server, served):
 
 
 def test_every_documented_operation_exists(server, served):
-    app = create_app(server.node)
+    app = create_app(server.node, server.driver.request)
     served_ops = {(openapi_path(r.rule), m.lower()) for r in app.url_map.iter_rules() if r.endpoint != "static"
                   for m in r.methods - {"HEAD", "OPTIONS"}}
     documented = {(path, method) for path, item in served["paths"].items() for method in item if method in HTTP_METHODS}
@@ -115,3 +120,23 @@ def test_status_schema_lists_what_status_returns(server, served):
     schema = served["components"]["schemas"]["Status"]
     assert set(status) == set(schema["properties"])
     assert set(schema["required"]) <= set(status)
+
+
+# Server-to-server endpoints of the full node (`bubble-ref node`): the mesh (06) and monitoring (09) speak them to
+# each other; the OpenAPI document describes the client API. A new route must be added to one or the other.
+SERVER_ROUTES = {"POST /relay", "GET /trace/<packet_id>", "POST /servers", "POST /sync", "GET /reputation",
+                 "POST /reports", "POST /votes", "POST /decisions"}
+
+
+def test_the_full_node_serves_the_client_api_and_only_known_server_routes(tmp_path, served):
+    node = open_monitored_node(tmp_path / "full", clock=ManualClock(), rng=random.Random(0))
+    try:
+        app = create_app(node, node.on_request)
+        served_ops = {f"{m} {r.rule}" for r in app.url_map.iter_rules() if r.endpoint != "static"
+                      for m in r.methods - {"HEAD", "OPTIONS"}}
+        documented = {f"{method.upper()} {path}" for path, item in served["paths"].items() for method in item
+                      if method in HTTP_METHODS}
+        assert documented <= served_ops, "every documented operation is served by the full node too"
+        assert served_ops - documented == SERVER_ROUTES
+    finally:
+        node.close()

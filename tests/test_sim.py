@@ -1,344 +1,312 @@
-"""The broadcast simulator (`bubble_ref.sim`): reproducibility, strategies, faults, and that its
-flooding rule is the real node's (checked against `MeshNode` in process, no sockets)."""
+"""The simulator (`bubble_ref.sim.SimNetwork`): a seeded network that drives real nodes (the classes `bubble-ref node`
+runs) on a simulated clock. Delivery, determinism, loss, crashes, partitions, and the failure semantics a Call gets
+(the same as from the real driver: no answer, or an answer too big, is status None)."""
 from __future__ import annotations
 
-import json
-import random
 from datetime import timedelta
 
+import matplotlib
 import pytest
 
-from bubble_ref.envelope import packet_id, seal
-from bubble_ref.mesh import HOP_LIMIT, MeshNode, build_topology, sign_relay
-from bubble_ref.sim import (
-    GRAFT, IHAVE, PAYLOAD, PRUNE, Flood, Gossip, Msg, Network, Plumtree, RunResult, Send, bench_mesh, compare,
-    diameter, flood_targets, format_table, is_connected, partition, run)
-from bubble_ref.store import ManualClock
-
-STRATEGIES = [Flood, lambda: Gossip(fanout=2), Plumtree]
-
-
-def kinds(result: RunResult) -> dict[str, int]:
-    return dict(result.sent_by_kind)
-
-
-# ------------------------------------------------------------------ reproducibility
-
-@pytest.mark.parametrize("make", STRATEGIES)
-def test_same_seed_same_run(make):
-    kw = dict(n=15, broadcasts=15, loss=0.1, jitter=0.03, droppers=1, selective=1, seed=3)
-    a, b = run(make(), **kw), run(make(), **kw)
-    assert a == b  # every latency, every count, the digest of every event
-    assert a.digest == b.digest and a.events == b.events > 0
-
-
-@pytest.mark.parametrize("make", STRATEGIES)
-def test_other_seed_other_run(make):
-    kw = dict(n=15, broadcasts=15, loss=0.1, jitter=0.03)
-    a, b = run(make(), seed=1, **kw), run(make(), seed=2, **kw)
-    assert a.digest != b.digest
-    assert [x.latencies for x in a.broadcasts] != [x.latencies for x in b.broadcasts]
-
-
-def test_same_topology_other_seed_changes_event_order():
-    links = build_topology(12, "random", 3, seed=5)
-    a = run(Gossip(fanout=2), links=links, broadcasts=10, jitter=0.05, seed=1, trace=True)
-    b = run(Gossip(fanout=2), links=links, broadcasts=10, jitter=0.05, seed=2, trace=True)
-    assert a.links == b.links and a.trace != b.trace and a.digest != b.digest
-
-
-def test_trace_is_in_time_order_and_clock_is_clean():
-    r = run(Flood(), links=build_topology(6, "ring"), broadcasts=2, trace=True)
-    times = [float(line.split()[0]) for line in r.trace]
-    assert times == sorted(times)
-    assert {t for b in r.broadcasts for t in b.latencies} == {0.1, 0.2, 0.3}  # 0.1 + 0.2 is 0.3 on this clock
-
-
-def test_event_loop_runs_equal_times_in_schedule_order():
-    net = Network([[1], [0]], Flood(), rng=random.Random(0))
-    seen = []
-    for label in "abc":
-        net.set_timer(0.5, seen.append, label)
-    net.set_timer(0.1, seen.append, "first")
-    net.run()
-    assert seen == ["first", "a", "b", "c"] and net.now == 0.5
-
-
-# ------------------------------------------------------------------ strategies
-
-def test_flood_cost_and_latency_on_a_clean_network():
-    links = build_topology(25, "random", 4, seed=0)
-    r = run(Flood(), links=links, broadcasts=30)
-    n_links = sum(map(len, links)) // 2
-    assert r.delivery_ratio == 1.0
-    assert r.messages_per_broadcast == r.payloads_per_broadcast == 2 * n_links - (25 - 1)
-    assert r.max_latency == pytest.approx(0.1 * diameter(links))  # shortest paths, 100 ms per link
-    assert kinds(r)[IHAVE] == kinds(r)[GRAFT] == kinds(r)[PRUNE] == 0
-
-
-def test_flood_reaches_every_honest_node_with_one_dropper():
-    checked = 0
-    for seed in range(8):
-        r = run(Flood(), n=20, degree=4, droppers=1, broadcasts=20, seed=seed)
-        (bad, behaviour), = r.misbehaving
-        assert behaviour == "drop"
-        if not is_connected(r.links, [bad]):
-            continue  # the dropper is a cut vertex: nothing can get past it
-        checked += 1
-        assert r.delivery_ratio == 1.0 and r.complete == 20
-    assert checked >= 3
-
-
-def test_flood_with_a_dropper_on_a_ring():
-    links = build_topology(10, "ring")
-    r = run(Flood(), links=links, droppers=[4], broadcasts=20)
-    assert is_connected(links, [4]) and r.delivery_ratio == 1.0
-    assert all(b.origin != 4 and len(b.latencies) == 8 for b in r.broadcasts)  # 10 nodes - dropper - origin
-
-
-def test_a_cut_vertex_defeats_every_strategy():
-    links = [[1], [0, 2, 3], [1, 3], [1, 2]]  # node 0 hangs on node 1
-    for make in STRATEGIES:
-        r = run(make(), links=links, droppers=[1], broadcasts=10)
-        assert r.delivery_ratio < 1.0
-
-
-def test_gossip_sends_fewer_payloads_than_flood():
-    for fanout in (1, 2, 3):
-        kw = dict(n=25, degree=5, broadcasts=40, seed=4)
-        flood, gossip = run(Flood(), **kw), run(Gossip(fanout=fanout), **kw)
-        assert gossip.payloads_per_broadcast < flood.payloads_per_broadcast
-        assert gossip.messages_per_broadcast == gossip.payloads_per_broadcast
-
-
-def test_gossip_never_sends_back_or_beyond_fanout():
-    links = build_topology(12, "random", 5, seed=2)
-    net = Network(links, Gossip(fanout=2), rng=random.Random(0))
-    out = net.strategy.on_receive(0, Msg(0, hops=1), links[0][0], PAYLOAD)
-    assert len(out) == 2 and links[0][0] not in [s.to for s in out] and {s.to for s in out} <= set(links[0])
-    assert net.strategy.on_receive(0, Msg(0, hops=1), links[0][1], PAYLOAD) == []  # a duplicate
-    with pytest.raises(ValueError):
-        Gossip(fanout=0)
-
-
-def test_plumtree_settles_on_a_tree():
-    six = [[1, 2], [0, 2, 3], [0, 1, 3, 4], [1, 2, 5], [2, 5], [3, 4]]
-    r = run(Plumtree(), links=six, broadcasts=10)
-    assert r.delivery_ratio == 1.0
-    assert r.broadcasts[0].payloads == 2 * 8 - 5  # the first broadcast is a flood...
-    assert [b.payloads for b in r.broadcasts[1:]] == [5] * 9  # ...then one payload per tree link
-
-
-def test_plumtree_sends_fewer_payloads_than_flood():
-    kw = dict(n=25, degree=4, broadcasts=50, seed=0)
-    flood, plum = run(Flood(), **kw), run(Plumtree(), **kw)
-    assert plum.delivery_ratio == 1.0
-    assert plum.payloads_per_broadcast < 0.5 * flood.payloads_per_broadcast
-    assert kinds(plum)[IHAVE] > 0 and kinds(plum)[PRUNE] > 0
-
-
-def test_plumtree_repairs_around_a_dropped_eager_link():
-    links = build_topology(20, "random", 4, seed=1)
-    probe = Plumtree()
-    run(probe, links=links, broadcasts=10, seed=1)  # the tree after ten broadcasts (t < 10 s)
-    tree_links = sorted({(a, b) for a in range(20) for b in probe.eager[a] if a < b and a in probe.eager[b]})
-    cuttable = [(a, b) for a, b in tree_links
-                if is_connected([[w for w in links[v] if {v, w} != {a, b}] for v in range(20)])]
-    assert cuttable
-    a, b = cuttable[0]
-    # the same run (same seed) up to t = 10 s, then that eager link drops everything
-    before = run(Plumtree(), links=links, broadcasts=40, seed=1)
-    cut = run(Plumtree(), links=links, broadcasts=40, seed=1, partitions=[partition((a, b), start=10.0)])
-    assert cut.broadcasts[:10] == before.broadcasts[:10]
-    assert cut.delivery_ratio == 1.0 and cut.complete == 40
-    assert kinds(cut)[GRAFT] > kinds(before)[GRAFT]  # repaired by lazy push: IHAVE, then GRAFT
-
-
-def test_plumtree_with_a_link_down_from_the_start():
-    links = build_topology(20, "random", 4, seed=1)
-    a, b = next((a, b) for a in range(20) for b in links[a]
-                if a < b and is_connected([[w for w in links[v] if {v, w} != {a, b}] for v in range(20)]))
-    r = run(Plumtree(), links=links, broadcasts=30, seed=1, partitions=[partition((b, a))])
-    assert r.delivery_ratio == 1.0
-
-
-def test_plumtree_graft_is_answered_with_the_packet():
-    net = Network([[1], [0]], Plumtree(), rng=random.Random(0))
-    p = net.strategy
-    assert p.on_broadcast(0, Msg(7)) == [Send(1, PAYLOAD, Msg(7, hops=1))]
-    p._make_lazy(0, 1)
-    assert p.on_receive(0, Msg(7, hops=1), 1, GRAFT) == [Send(1, PAYLOAD, Msg(7, hops=1))]
-    assert 1 in p.eager[0]  # and the link is eager again
-    timer, = p.on_receive(1, Msg(8, hops=1), 0, IHAVE)  # node 1 lacks 8: wait, then graft
-    assert timer.delay == pytest.approx(0.4)
-    assert p.on_timer(1, timer)[0] == Send(0, GRAFT, Msg(8, hops=1))
-
-
-# ------------------------------------------------------------------ faults
-
-def test_loss_reduces_delivery_and_is_counted_as_sent():
-    links = build_topology(25, "random", 4, seed=0)
-    clean = run(Flood(), links=links, broadcasts=40, seed=2)
-    lossy = run(Flood(), links=links, broadcasts=40, seed=2, loss=0.3)
-    assert clean.delivery_ratio == 1.0 > lossy.delivery_ratio
-    assert lossy.payloads_per_broadcast < clean.payloads_per_broadcast  # unreached nodes forward nothing
-    total = run(Flood(), links=[[1], [0]], broadcasts=50, loss=1.0, seed=0)
-    assert total.delivery_ratio == 0.0 and total.messages_per_broadcast == 1.0  # sent, then lost
-
-
-def test_partition_drops_only_during_its_window():
-    line = build_topology(6, "line")
-    r = run(Flood(), links=line, broadcasts=9, seed=0, partitions=[partition((2, 3), start=3.0, end=6.0)])
-    for b in r.broadcasts:
-        if 3.0 <= b.start < 6.0:  # the whole broadcast (at most 0.5 s) falls inside the window
-            assert b.delivery_ratio < 1.0
-            side = {0, 1, 2} if b.origin <= 2 else {3, 4, 5}
-            others = [v for v in range(6) if v != b.origin]
-            assert {v for v, t in zip(others, b.latencies) if t is not None} == side - {b.origin}
-        else:
-            assert b.delivery_ratio == 1.0
-
-
-def test_jitter_and_link_latency():
-    r = run(Flood(), links=[[1], [0, 2], [1]], broadcasts=20, jitter=0.05, seed=0)
-    assert all(0.1 <= t <= 0.2 + 0.1 for t in r.latencies) and len(set(r.latencies)) > 5
-    slow = run(Flood(), links=[[1], [0]], broadcasts=3, link_latency={(1, 0): 0.25})
-    assert slow.latencies == [0.25, 0.25, 0.25]
-
-
-def test_dropper_receives_but_forwards_nothing():
-    line = [[1], [0, 2], [1]]
-    net = Network(line, Flood(), rng=random.Random(0), behaviour={1: "drop"})
-    net.broadcast(0, Msg(0))
-    net.run()
-    assert 0 in net.first_seen[1] and 0 not in net.first_seen[2]
-    assert dict(net.sent[0]) == {PAYLOAD: 1}  # only node 0's send went on the wire
-
-
-def test_selective_node_drops_only_censored_recipients():
-    line = [[1], [0, 2], [1]]
-    net = Network(line, Flood(), rng=random.Random(0), behaviour={1: "selective"}, censored={0})
-    net.broadcast(0, Msg(0, recipient=0))
-    net.broadcast(0, Msg(1, recipient=5))
-    net.run()
-    assert 0 not in net.first_seen[2] and 1 in net.first_seen[2]
-    r = run(Flood(), links=line, selective=[1], censored=[0], broadcasts=40, clients=2, seed=0)
-    for b in r.broadcasts:
-        assert (b.delivery_ratio < 1.0) == (b.recipient == 0)
-    assert r.misbehaving == ((1, "selective"),)
-
-
-def test_misbehaving_nodes_never_originate_nor_count():
-    r = run(Flood(), n=12, degree=3, droppers=2, selective=2, broadcasts=30, seed=9)
-    bad = {v for v, _ in r.misbehaving}
-    assert len(bad) == 4 and all(b.origin not in bad for b in r.broadcasts)
-    assert all(len(b.latencies) == 12 - 4 - 1 for b in r.broadcasts)
-
-
-def test_hop_limit_stops_flooding():
-    line = build_topology(25, "line")
-    r = run(Flood(), links=line, broadcasts=1, seed=0, hop_limit=3)
-    b, = r.broadcasts
-    assert 0 < b.reached <= 6 and r.delivery_ratio < 1.0
-    assert max(r.latencies) == pytest.approx(0.3)
-
-
-def test_summary_and_helpers():
-    results = compare(n=12, degree=3, broadcasts=5, seed=1)
-    table = format_table(results)
-    assert [r.strategy for r in results] == ["flood", "gossip(fanout=2)", "plumtree"]
-    assert table.splitlines()[0].startswith("strategy") and len(table.splitlines()) == 4
-    assert set(results[0].summary()) == {"strategy", "messages", "payloads", "median", "max", "delivery"}
-    assert diameter(build_topology(7, "line")) == 6 and not is_connected(build_topology(5, "line"), [2])
-    with pytest.raises(ValueError):
-        Network([[1], []], Flood(), rng=random.Random(0))  # links must be symmetric
-    small = bench_mesh(n=15, broadcasts=3, degree=3)
-    assert len(small) == 3 and all(r.n == 15 for r in small)
-
-
-# ------------------------------------------------------------------ the real node's rule
-
-def test_flood_targets_rule():
-    assert flood_targets(["a", "b", "c"], None, 0) == ["a", "b", "c"]
-    assert flood_targets(["a", "b", "c"], "b", 3) == ["a", "c"]
-    assert flood_targets(["a", "b", "c"], "b", HOP_LIMIT - 1) == ["a", "c"]
-    assert flood_targets(["a", "b", "c"], "b", HOP_LIMIT) == []
-
-
-@pytest.fixture
-def small_mesh(tmp_path):
-    """Real `MeshNode`s in process on a ManualClock, no sockets: B peers with A, C and D (a star),
-    and every node has pinned its peers' keys from their `status()`."""
-    clock = ManualClock()
-    names = "ABCD"
-    url = {n: f"http://{n.lower()}.mesh.test:8000" for n in names}
-    star = {"A": "B", "B": "ACD", "C": "B", "D": "B"}
-    nodes = {n: MeshNode.open(tmp_path / n, peers=tuple(url[p] for p in star[n]), clock=clock) for n in names}
-    for n in names:
-        for p in star[n]:
-            nodes[n].learn_peer(url[p], nodes[p].status())
-    yield nodes, url, star, clock
-    for node in nodes.values():
-        node.close()
-
-
-def _queued(node: MeshNode, pid: str) -> list[str]:
-    "The peers `node` has queued `pid` for, per `next_deliveries` (and clear them)."
-    deliveries = [d for d in node.next_deliveries() if d.packet_id == pid]
-    for d in deliveries:
-        node.delivered(d)
-    return sorted(d.peer for d in deliveries)
-
-
-def test_flood_targets_match_the_real_node(small_mesh, alice, bob):
-    nodes, url, star, clock = small_mesh
-    A, B, C = nodes["A"], nodes["B"], nodes["C"]
-
-    # 1. a client posts to B: B queues it for every peer
-    packet = seal(alice, bob.public.b64, "posted at B", clock=clock)
-    pid = B.submit(packet.to_json())["packet_id"]
-    assert _queued(B, pid) == sorted(flood_targets(B.peers, None, 0)) == sorted(url[p] for p in "ACD")
-
-    # 2. a client posts to A; A relays to B (hop 1); B queues it for every peer but A
-    packet = seal(alice, bob.public.b64, "posted at A", clock=clock)
-    pid = A.submit(packet.to_json())["packet_id"]
-    delivery, = A.next_deliveries()
-    assert [delivery.peer] == flood_targets(A.peers, None, 0) == [url["B"]]
-    assert B.relay_in(json.dumps(delivery.body))["stored"] is True
-    assert _queued(B, pid) == sorted(flood_targets(B.peers, url["A"], delivery.body["hops"]))
-    assert _queued(B, pid) == []  # ...and only once: a duplicate queues nothing
-    assert B.relay_in(json.dumps(delivery.body))["stored"] is False and _queued(B, pid) == []
-
-    # 3. relays from C just below and at the hop limit
-    now = clock()
-    for hops in (HOP_LIMIT - 1, HOP_LIMIT):
-        packet = seal(alice, bob.public.b64, f"{hops} hops", clock=clock)
-        pid = packet_id(packet)
-        body = sign_relay(C.identity, packet.to_dict(), pid, now + timedelta(days=1), hops, now)
-        assert B.relay_in(json.dumps(body))["stored"] is True
-        assert _queued(B, pid) == sorted(flood_targets(B.peers, url["C"], hops))
-    assert flood_targets(B.peers, url["C"], HOP_LIMIT) == []
-
-
-def test_sim_flood_forwards_like_the_real_node(small_mesh, alice, bob):
-    "The simulator's Flood, on the same star, picks the same peers as MeshNode B does."
-    nodes, url, star, clock = small_mesh
-    names = "ABCD"
-    links = [[names.index(p) for p in star[n]] for n in names]
-    strategy = Flood()
-    Network(links, strategy, rng=random.Random(0))
-    B = nodes["B"]
-    for i, (sender, hops) in enumerate([(None, 0), ("A", 1), ("D", 5), ("C", HOP_LIMIT)]):
-        packet = seal(alice, bob.public.b64, f"from {sender} at hop {hops}", clock=clock)
-        pid = packet_id(packet)
-        if sender is None:
-            B.submit(packet.to_json())
-        else:
-            now = clock()
-            body = sign_relay(nodes[sender].identity, packet.to_dict(), pid, now + timedelta(days=1), hops, now)
-            B.relay_in(json.dumps(body))
-        msg = Msg(i, hops=hops)
-        sends = (strategy.on_broadcast(1, msg) if sender is None
-                 else strategy.on_receive(1, msg, names.index(sender), PAYLOAD))
-        assert sorted(url[names[s.to]] for s in sends) == _queued(B, pid)
-        assert all(s.kind == PAYLOAD and s.msg.hops == hops + 1 for s in sends)
+from bubble_ref.envelope import make_retrieval_proof, open_message, seal
+from bubble_ref.mesh import open_mesh_node
+from bubble_ref.node import After, Call, Node, Reply, Route
+from bubble_ref.sim import SIM_EPOCH, SimNetwork, draw_sequence, host_url, match_route, pool_keys, sim_keys
+
+matplotlib.use("Agg")
+
+NAMES = list("ABCDE")
+
+
+def line_network(seed: int, root, **kwargs) -> SimNetwork:
+    "Five mesh nodes in a line A — B — C — D — E, started, peers resolved."
+    net = SimNetwork(seed, root=root, **kwargs)
+    for name in NAMES:
+        net.add(name, open_mesh_node)
+    for a, b in zip(NAMES, NAMES[1:]):
+        net.link(a, b)
+    net.start()
+    net.run(seconds=1)
+    return net
+
+
+def holders(net: SimNetwork, packet_id: str) -> list[str]:
+    return [n for n in NAMES if net.hosts[n].up and net.hosts[n].node.mailbox.contains(packet_id)]
+
+
+def post(net: SimNetwork, name: str, alice, bob, text: str) -> str:
+    reply = net.request(name, "POST", "/messages", seal(alice, bob.public.b64, text, clock=net.clock).to_dict())
+    assert reply.status == 202, reply
+    return reply.body["packet_id"]
+
+
+def test_a_packet_crosses_a_line_of_real_nodes(tmp_path, alice, bob):
+    with line_network(1, tmp_path, trace=True) as net:
+        assert all(not net.hosts[n].node.roles["peers"].unresolved() for n in NAMES)
+        posted = net.request("A", "POST", "/messages", seal(alice, bob.public.b64, "far end").to_dict())
+        assert posted.status == 202 and len(posted.actions) == 1
+        start = net.now
+        net.run(seconds=1)
+        page = net.request("E", "GET", "/messages", make_retrieval_proof(bob).to_dict()).body
+        assert open_message(bob, page["messages"][0]["packet"]).content == "far end"
+        pid = posted.body["packet_id"]
+        assert [net.hosts[n].node.roles["broadcast"].lookup(pid)["hops"] for n in NAMES] == [0, 1, 2, 3, 4]
+        relays = [f"{e.src}->{e.dst}" for e in net.trace if e.at >= start and e.kind == "request" and "/relay" in e.what]
+        assert relays == ["A->B", "B->C", "C->D", "D->E"]
+        assert net.bytes_sent["POST /relay"] > 0 and not net.bugs
+
+
+def test_the_same_seed_replays_event_for_event_and_another_seed_does_not(tmp_path, alice, bob):
+    packet = seal(alice, bob.public.b64, "same?")  # one packet for every run: ciphertexts are random
+
+    def run(seed: int, where: str):
+        with line_network(seed, tmp_path / where, trace=True) as net:
+            net.request("A", "POST", "/messages", packet.to_dict())
+            net.run(seconds=30)
+            return net.digest, net.events, [(e.at, e.kind, e.src, e.dst, e.what) for e in net.trace]
+
+    first, again, other = run(7, "first"), run(7, "again"), run(8, "other")
+    assert first == again
+    assert first[0] != other[0] and first[2] != other[2]
+
+
+def test_twenty_percent_loss_delays_but_does_not_stop_delivery(tmp_path, alice, bob):
+    with line_network(3, tmp_path, loss=0.2) as net:
+        pid = post(net, "A", alice, bob, "through the noise")
+        for _ in range(120):
+            net.run(seconds=1)
+            if holders(net, pid) == NAMES:
+                break
+        assert holders(net, pid) == NAMES and not net.bugs
+
+
+def test_crashed_nodes_keep_their_outbox_and_catch_up(tmp_path, alice, bob):
+    with line_network(4, tmp_path) as net:
+        c_id = net.hosts["C"].node.id
+        net.crash("C")
+        assert not net.hosts["C"].up
+        assert net.request("C", "GET", "/status") == Reply(0, None), "a crashed host answers nobody"
+        pid = post(net, "A", alice, bob, "wait for C")
+        net.run(seconds=20)
+        assert net.hosts["B"].node.roles["broadcast"].outbox_size() == 1 and holders(net, pid) == ["A", "B"]
+        net.start("C")
+        assert net.hosts["C"].node.id == c_id and net.hosts["C"].incarnation == 2, "same key, same data"
+        net.crash("B")  # B dies with its relay to C still queued ...
+        net.run(seconds=1)
+        net.start("B")  # ... and sends it after the restart, from its durable outbox
+        net.run(seconds=60)
+        assert holders(net, pid) == NAMES and not net.bugs
+
+
+def test_a_partition_holds_packets_until_it_heals(tmp_path, alice, bob):
+    with line_network(5, tmp_path) as net:
+        net.partition({"A", "B"}, {"C", "D", "E"})
+        pid = post(net, "A", alice, bob, "across the split")
+        net.run(seconds=30)
+        assert holders(net, pid) == ["A", "B"]
+        net.heal()
+        net.run(seconds=60)
+        assert holders(net, pid) == NAMES and not net.bugs
+
+
+# ------------------------------------------------------------------ what a Call gets
+
+
+class Prober:
+    "A role that makes the Calls a test gives it when the node starts, and records when and how each is answered."
+    name = "probe"
+
+    def __init__(self, node: Node, calls_to_make, answers: list):
+        self.node, self.calls_to_make, self.answers = node, calls_to_make, answers
+
+    def routes(self):
+        big = {"blob": "x" * 5000}
+        return [Route("GET", "/big", lambda request: Reply(200, big)),
+                Route("GET", "/small", lambda request: Reply(200, {"ok": True}))]
+
+    def start(self):
+        return [After(timedelta(seconds=1), (self.name, "go"))]
+
+    def on_timer(self, tag):
+        return list(self.calls_to_make)
+
+    def on_answer(self, tag, status, body):
+        self.answers.append((tag[1], status, body, self.net.now - 1.0))
+        return []
+
+
+def probed_network(tmp_path, calls_to_make, answers) -> SimNetwork:
+    net = SimNetwork(11, root=tmp_path)
+
+    def build(data_dir, *, to_make, **kwargs):
+        node = open_mesh_node(data_dir, **kwargs)
+        prober = node.add(Prober(node, to_make, answers))
+        prober.net = net
+        return node
+
+    net.add("P", build, to_make=calls_to_make)
+    net.add("Q", build, to_make=())  # only serves /big and /small
+    return net
+
+
+def test_a_call_fails_like_it_would_on_the_wire(tmp_path):
+    "Too big an answer, nobody at the address, a crashed host, a partition: status None, within the Call's timeout."
+    q = host_url(1)
+    answers = []
+    to_make = [Call("GET", f"{q}/small", tag=("probe", "small"), timeout=5.0),
+               Call("GET", f"{q}/big", tag=("probe", "big"), timeout=5.0, max_bytes=1000),
+               Call("GET", f"{q}/big", tag=("probe", "big enough"), timeout=5.0, max_bytes=10_000),
+               Call("GET", f"{q}/nothing", tag=("probe", "no route"), timeout=5.0),
+               Call("GET", "http://127.0.9.9:8000/small", tag=("probe", "nobody there"), timeout=5.0)]
+    with probed_network(tmp_path, to_make, answers) as net:
+        net.start()
+        net.run(seconds=10)
+        got = {name: (status, body) for name, status, body, _ in answers if name != "probe"}
+        assert got["small"] == (200, {"ok": True})
+        assert got["big"] == (None, None)
+        assert got["big enough"][0] == 200
+        assert got["no route"][0] == 404
+        assert got["nobody there"] == (None, None)
+        assert all(after <= 5.0 for _, _, _, after in answers)
+
+    answers.clear()
+    with probed_network(tmp_path / "again", to_make[:1], answers) as net:
+        net.start("P")  # Q never starts: its address answers nothing
+        net.run(seconds=10)
+        assert [(n, s) for n, s, _, _ in answers] == [("small", None)]
+
+    answers.clear()
+    with probed_network(tmp_path / "split", to_make[:1], answers) as net:
+        net.start()
+        net.partition({"P"}, {"Q"})
+        net.run(seconds=10)
+        (name, status, body, after), = [a for a in answers]
+        assert (name, status) == ("small", None) and after == pytest.approx(5.0, abs=0.05), "lost: the timeout"
+
+
+def test_a_bug_in_a_node_is_recorded_and_the_simulation_goes_on(tmp_path):
+    class Broken:
+        name = "broken"
+
+        def start(self):
+            return [After(timedelta(seconds=1), (self.name, "boom"))]
+
+        def on_timer(self, tag):
+            raise RuntimeError("the role has a bug")
+
+    def build(data_dir, **kwargs):
+        node = open_mesh_node(data_dir, **kwargs)
+        node.add(Broken())
+        return node
+
+    with SimNetwork(2, root=tmp_path, trace=True) as net:
+        net.add("A", build)
+        net.add("B", open_mesh_node)
+        net.link("A", "B")
+        net.start()
+        net.run(seconds=15)
+        assert net.bugs == ["t=1.000 A: RuntimeError: the role has a bug"]
+        assert [e.what for e in net.trace if e.kind == "bug"] == ["RuntimeError"]
+        assert any(e.kind == "timer" and e.at > 1.0 for e in net.trace), "the simulation went on"
+
+
+def test_the_timers_of_a_crashed_incarnation_never_fire(tmp_path):
+    fired = []
+
+    class Ticker:
+        name = "tick"
+
+        def start(self):
+            return [After(timedelta(seconds=5), (self.name, "once"))]
+
+        def on_timer(self, tag):
+            fired.append(net.now)
+            return []
+
+    def build(data_dir, **kwargs):
+        node = open_mesh_node(data_dir, **kwargs)
+        node.add(Ticker())
+        return node
+
+    with SimNetwork(3, root=tmp_path) as net:
+        net.add("A", build)
+        net.start()
+        net.run(seconds=2)
+        net.crash("A")
+        net.start("A")  # the new incarnation's timer is due at t=7
+        net.run(seconds=10)
+        assert fired == [pytest.approx(7.0)]
+
+
+# ------------------------------------------------------------------ keys, clock, routes, pictures
+
+def test_simulation_keys_are_fixed_and_hosts_get_them_by_seed(tmp_path):
+    pool = pool_keys()
+    assert len(pool) == 64 and len({k.id for k in pool}) == 64
+    assert sim_keys(3) == pool[:3] and sim_keys(64) == pool
+
+    def server_ids(seed: int, where: str) -> list[str]:
+        with SimNetwork(seed, root=tmp_path / where) as net:
+            for name in "XYZ":
+                net.add(name, open_mesh_node)
+            net.start()
+            return [net.hosts[n].node.id for n in "XYZ"]
+
+    first = server_ids(5, "a")
+    assert first == server_ids(5, "b") and set(first) <= {k.id for k in pool}
+    assert first != server_ids(6, "c")
+
+
+def test_throwaway_keys_come_from_the_spare_half_of_the_pool(tmp_path):
+    with SimNetwork(9, root=tmp_path) as net:
+        net.add("A", open_mesh_node)
+        net.start()
+        node = net.hosts["A"].node
+        throwaway = {node.new_identity().id for _ in range(20)}
+        spare = {sim_keys(64)[k].id for k in net._keys[32:]}
+        assert throwaway <= spare and node.id not in throwaway
+
+
+def test_the_simulated_clock_moves_only_with_the_events(tmp_path):
+    with SimNetwork(1, root=tmp_path) as net:
+        assert net.clock() == SIM_EPOCH and net.now == 0.0
+        seen = []
+        net.at(2.5, lambda: seen.append(net.clock()))
+        net.at(1.0, lambda: seen.append(net.clock()))
+        net.run(seconds=2)
+        assert seen == [SIM_EPOCH + timedelta(seconds=1)] and net.now == 2.0
+        net.run()
+        assert seen[-1] == SIM_EPOCH + timedelta(seconds=2.5)
+
+
+def test_match_route_finds_the_route_and_its_parameters(tmp_path):
+    with SimNetwork(1, root=tmp_path) as net:
+        net.add("A", open_mesh_node)
+        net.start()
+        node = net.hosts["A"].node
+        assert match_route(node, "GET", "/trace/" + "ab" * 32) == ("GET /trace/<packet_id>", {"packet_id": "ab" * 32})
+        assert match_route(node, "POST", "/messages") == ("POST /messages", {})
+        assert match_route(node, "DELETE", "/messages") is None and match_route(node, "GET", "/trace/a/b") is None
+        assert net.request("A", "GET", "/nowhere").status == 404
+
+
+def test_draw_sequence_draws_the_requests(tmp_path, alice, bob):
+    import matplotlib.pyplot as plt
+
+    with line_network(1, tmp_path, trace=True) as net:
+        post(net, "A", alice, bob, "draw me")
+        net.run(seconds=1)
+        ax = draw_sequence(net.trace, NAMES, "a line")
+        labels = [t.get_text() for t in ax.texts]
+        assert sum("POST /relay" in t for t in labels) >= 4 and ax.get_title() == "a line"
+        plt.close(ax.figure)
+
+
+def test_a_network_made_without_a_root_removes_its_folder():
+    net = SimNetwork(1)
+    net.add("A", open_mesh_node)
+    net.start()
+    root = net.root
+    assert (root / "A" / "server_key.pem").exists()
+    net.close()
+    assert not root.exists()

@@ -1,0 +1,150 @@
+"""The swarm (notebook 09d): random scenarios on real nodes in the simulator, checked against the invariants.
+
+A seed replays exactly, in this process and in another one (whatever Python's string hashing); a fixed handful of
+seeds that together hold a dropper, colluders, a crash and a partition break no invariant; an honest node that is
+down for a while is not blacklisted while a silent dropper is (and the old weight of 'unreachable' would have
+blacklisted it: the check can fail); a colluding majority does get its victim blacklisted (the checker sees it).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from bubble_ref import ledger
+from bubble_ref.swarm import (
+    Scenario, SwarmReport, format_swarm, make_scenario, outage_scenario, run_scenario)
+
+SHORT = dict(faults_end=40, settle=90, max_nodes=6)  # a cheap scenario: 5 or 6 nodes, 90 simulated seconds
+REPLAY_SEED, OTHER_SEED = 10, 12
+CI_SEEDS = (28, 27, 8)  # with max_nodes=6: a dropper, colluders, a selective dropper; crashes, partitions, slow, loss
+CI = dict(max_nodes=6)
+
+
+def short_digest(seed: int) -> tuple[str, int]:
+    run = run_scenario(make_scenario(seed, **SHORT))
+    return run.digest, run.events
+
+
+# ------------------------------------------------------------------ determinism
+
+def test_a_seed_replays_exactly_and_another_seed_does_not():
+    scenario = make_scenario(REPLAY_SEED, **SHORT)
+    assert scenario == make_scenario(REPLAY_SEED, **SHORT), "the scenario is drawn from the seed alone"
+    assert scenario.crashes and scenario.droppers and scenario.loss, "the replayed run has faults worth replaying"
+    first, again = run_scenario(scenario), run_scenario(scenario)
+    # packet ids differ (ciphertexts are random; the digest masks ids), everything else is the same
+    assert (first.digest, first.events, first.decisions, sorted(first.acknowledged.values())) == \
+        (again.digest, again.events, again.decisions, sorted(again.acknowledged.values()))
+    assert first.events > 1000 and not first.bugs
+    assert short_digest(OTHER_SEED)[0] != first.digest
+
+
+def test_a_seed_replays_in_other_processes_whatever_the_hash_seed(tmp_path):
+    "Python randomizes string hashing per process: nothing in a run may depend on set or dict-of-str order."
+    script = textwrap.dedent(f"""
+        from bubble_ref.swarm import make_scenario, run_scenario
+        run = run_scenario(make_scenario({REPLAY_SEED}, **{SHORT!r}))
+        print(run.digest, run.events)
+    """)
+    procs = []
+    for hash_seed in ("0", "4242"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        digest, events = out.split()
+        outputs.append((digest, int(events)))
+    assert outputs[0] == outputs[1] == short_digest(REPLAY_SEED)
+
+
+def test_a_short_scenario_ends_its_faults_by_faults_end():
+    "`faults_end` is when the faults end (outage_scenario uses it so): crashes and partitions must be over by then."
+    late = []
+    for seed in range(30):
+        s = make_scenario(seed, **SHORT)
+        late += [f"seed {seed}: {name} down until t={up:.0f}" for name, _, up in s.crashes if up > s.faults_end]
+        late += [f"seed {seed}: partition until t={end:.0f}" for _, _, _, end in s.partitions if end > s.faults_end]
+    assert late == [], f"faults past faults_end={SHORT['faults_end']}: {late}"
+
+
+def test_a_node_still_down_when_the_run_ends_does_not_break_the_invariant_check():
+    """Seed 11 (short): n5 crashes at t=78 and would come back at t=115, after the run ends at t=90. A node that is
+    down is not judged (as check_invariants already does for the judges of a dropper); the check must not fail."""
+    scenario = make_scenario(11, **SHORT)
+    assert [(n, up > scenario.settle) for n, _, up in scenario.crashes] == [("n5", True)]
+    run = run_scenario(scenario)
+    assert run.bugs == [] and not any("n5" in v for v in run.violations), run.violations
+
+
+# ------------------------------------------------------------------ the swarm in CI
+
+@pytest.fixture(scope="module")
+def ci_runs():
+    return [run_scenario(make_scenario(seed, **CI)) for seed in CI_SEEDS]
+
+
+def test_the_ci_seeds_hold_the_faults_they_are_chosen_for():
+    scenarios = [make_scenario(seed, **CI) for seed in CI_SEEDS]
+    kinds = {b for s in scenarios for b in s.behaviour.values()}
+    assert {"drop", "collude", "selective"} <= kinds, "re-choose CI_SEEDS if make_scenario changed"
+    assert any(s.crashes for s in scenarios) and any(s.partitions for s in scenarios)
+    assert any(s.loss for s in scenarios) and any(s.slow for s in scenarios)
+
+
+def test_the_ci_seeds_break_no_invariant(ci_runs):
+    for run in ci_runs:
+        assert run.violations == [], f"seed {run.scenario.seed}: {run.violations}"
+        assert run.bugs == [] and run.acknowledged, run.scenario.seed
+    report = SwarmReport(ci_runs)
+    assert report.violations == []
+    assert len(report.catch_times("drop")) == 1 and len(report.catch_times("selective")) == 1, \
+        "each dropper was blacklisted by every honest node"
+    text = format_swarm(report)
+    assert "violations: 0" in text and f"{len(CI_SEEDS)} seeds" in text
+
+
+# ------------------------------------------------------------------ an honest node's outage, simulated
+
+def test_an_honest_node_down_for_a_while_is_not_blacklisted_but_the_dropper_is():
+    run = run_scenario(outage_scenario())
+    assert run.violations == [] and run.bugs == []
+    assert run.first_blacklisting("n4") is None, "n4 was only down"
+    for judge in ("n0", "n1", "n2", "n4"):
+        assert run.first_blacklisting("n3", by=judge) is not None, f"{judge} did not blacklist the dropper n3"
+    down, up = run.scenario.crashes[0][1:]
+    assert any(down <= at < up for _, _, at in run.acknowledged.values()), "messages flowed while n4 was down"
+
+
+def test_the_outage_check_can_fail_with_the_old_weight_of_unreachable(monkeypatch):
+    "With 'unreachable' counted as evidence (the old rule), n4 is wrongly blacklisted: the test above can fail."
+    monkeypatch.setitem(ledger.WEIGHTS, "unreachable", (0.0, 0.05))
+    run = run_scenario(outage_scenario())
+    assert run.first_blacklisting("n4") is not None
+    assert any("wrongly blacklisted" in v and "n4" in v for v in run.violations), run.violations
+
+
+def test_a_colluding_majority_gets_its_victim_blacklisted_and_the_checker_says_so():
+    "The quorum rule protects against a colluding minority, not a majority: the invariant check must catch it."
+    names = tuple(f"n{i}" for i in range(5))
+    links = tuple(tuple(j for j in range(5) if j != i) for i in range(5))
+    behaviour = {"n0": "honest", "n1": "honest", "n2": "collude", "n3": "collude", "n4": "collude"}
+    traffic = tuple((10.0 + 5 * k, names[k % 2], k % 8) for k in range(6))
+    scenario = Scenario(3, names, links, behaviour, "n0", 0.0, (), (), (), traffic, 60.0, 120.0)
+    run = run_scenario(scenario)
+    assert run.first_blacklisting("n0", by="n1") is not None
+    assert any("wrongly blacklisted" in v and "colluders' victim" in v for v in run.violations)
+
+
+def test_bench_monitoring_refuses_nonsense():
+    "The benchmark over these scenarios (`bubble-ref bench monitoring`) refuses settings that mean nothing."
+    from bubble_ref.bench import bench_monitoring
+    for bad in (dict(seeds=0), dict(loss=1.0), dict(loss=-0.1), dict(nodes=4)):
+        with pytest.raises(ValueError):
+            bench_monitoring(**bad)
