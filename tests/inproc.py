@@ -23,12 +23,14 @@ def body_bytes(body) -> bytes:
     return json.dumps(body).encode("utf-8")
 
 
-def ask(node: Node, method_path: str, body=None, remote: str = "127.0.0.1") -> Reply:
-    "One request, e.g. ask(node, 'POST /messages', packet_dict); the path may hold parameters (/trace/<id>)."
+def ask(node: Node, method_path: str, body=None, remote: str = "127.0.0.1", token: str | None = None) -> Reply:
+    """One request, e.g. ask(node, 'POST /messages', packet_dict); the path may hold parameters (/trace/<id>).
+
+    `token`: the bearer token, as `Authorization: Bearer <token>` gives it (the operator's, for operator-only answers)."""
     method, path = method_path.split(" ", 1)
     route = match_route(node, method, path)
     assert route is not None, f"the node serves no {method_path}"
-    reply = node.on_request(Request(route[0], body_bytes(body), route[1], remote))
+    reply = node.on_request(Request(route[0], body_bytes(body), route[1], remote, token))
     assert isinstance(reply, Reply)
     json.dumps(reply.body)  # every answer must be JSON
     return reply

@@ -160,8 +160,14 @@ class NodeProcess:
 
     # ------------------------------------------------------------------ HTTP
 
-    def status(self) -> dict:
-        response = requests.get(f"{self.url}/status", timeout=HTTP_TIMEOUT)
+    def operator_headers(self) -> dict:
+        "The node's operator token, from its data folder: /trace, and /status's and /reputation's counters, need it."
+        return {"Authorization": f"Bearer {(self.data_dir / 'operator_token').read_text().strip()}"}
+
+    def status(self, operator: bool = True) -> dict:
+        "GET /status, as the operator sees it (all fields) or, with operator=False, as anyone does."
+        response = requests.get(f"{self.url}/status", headers=self.operator_headers() if operator else None,
+                                timeout=HTTP_TIMEOUT)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -201,7 +207,7 @@ def assert_alive(url: str) -> None:
     "The node still answers /status with 200 and its JSON."
     response = requests.get(f"{url}/status", timeout=HTTP_TIMEOUT)
     assert response.status_code == 200, response.text
-    assert set(response.json()) >= {"server_id", "public_key", "version", "load", "stored_messages"}
+    assert set(response.json()) >= {"server_id", "public_key", "version", "load", "proof_mode"}
 
 
 # ------------------------------------------------------------------ meshes of real node processes
@@ -255,8 +261,9 @@ class MeshProcess(NodeProcess):
         from bubble_ref.crypto import Identity
         return Identity.load(self.data_dir / "server_key.pem")
 
-    def reputation(self) -> dict:
-        response = requests.get(f"{self.url}/reputation", timeout=HTTP_TIMEOUT)
+    def reputation(self, operator: bool = True) -> dict:
+        response = requests.get(f"{self.url}/reputation", headers=self.operator_headers() if operator else None,
+                                timeout=HTTP_TIMEOUT)
         assert response.status_code == 200, response.text
         return response.json()
 

@@ -90,7 +90,7 @@ def test_young_packets_learned_by_sync_are_flooded_on_and_old_ones_only_kept(pai
     new, _, actions = sync_round(b, a)
     assert new == [1] and b.mailbox.contains(old)
     assert b.roles["broadcast"].outbox_size() == 0 and calls(actions, "/relay") == []
-    assert ask(b, f"GET /trace/{old}").body["from"] == a.id
+    assert ask(b, f"GET /trace/{old}", token=b.operator_token).body["from"] == a.id
 
 
 def test_copies_learned_by_sync_keep_the_origin_expiry(pair, alice, bob):
@@ -196,11 +196,11 @@ def test_no_sync_request_without_known_peers(tmp_path):
 def test_trace_describes_only_packets_still_held_and_the_log_is_cleaned(pair, alice, bob):
     a, b, clock = pair
     packet_id = post(a, alice, bob, "short-lived")
-    assert ask(a, f"GET /trace/{packet_id}").body == {"received_at": format_timestamp(clock()), "hops": 0, "from": None}
+    assert ask(a, f"GET /trace/{packet_id}", token=a.operator_token).body == {"received_at": format_timestamp(clock()), "hops": 0, "from": None}
     clock.advance(timedelta(days=8))
-    assert_refused(ask(a, f"GET /trace/{packet_id}"), 404, "not_found")  # expired: no trace even before the sweep
-    assert_refused(ask(a, "GET /trace/not-an-id"), 400, "invalid_packet")
+    assert_refused(ask(a, f"GET /trace/{packet_id}", token=a.operator_token), 404, "not_found")  # expired: no trace even before the sweep
+    assert_refused(ask(a, "GET /trace/not-an-id", token=a.operator_token), 400, "invalid_packet")
     a.on_timer(("mailbox", "sweep"))
     assert a.db.execute("SELECT count(*) FROM relay_log").fetchone()[0] == 0
     again = post(a, alice, bob, "short-lived")  # a new packet (new box), traced afresh
-    assert ask(a, f"GET /trace/{again}").body["hops"] == 0
+    assert ask(a, f"GET /trace/{again}", token=a.operator_token).body["hops"] == 0

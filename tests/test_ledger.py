@@ -127,22 +127,27 @@ def test_the_ledger_records_what_the_mesh_and_the_auditor_tell_it(node):
     book = ledger(node)
     assert [(t.direction, t.peer, t.outcome) for t in reversed(book.transactions())] == [
         ("in", PEER, "accepted"), ("out", OTHER, "unreachable"), ("in", OTHER, "refused"), ("audit", OTHER, "audit_failed")]
-    assert changes == [(PEER, 1.0), (OTHER, 1.0), (OTHER, round(next_score(1.0, "refused"), 3)),
+    # "unreachable" has no weight (a down server is not a bad one): logged, but the score does not move
+    assert changes == [(PEER, 1.0), (OTHER, round(next_score(1.0, "refused"), 3)),
                        (OTHER, round(next_score(next_score(1.0, "refused"), "audit_failed"), 3))]
     assert book.score(OTHER) < MonitorConfig().blacklist_below
 
 
-def test_get_reputation_shows_scores_and_the_newest_transactions(node, clock):
+def test_get_reputation_shows_scores_and_the_newest_transactions_to_the_operator_only(node, clock):
     node.emit(Observed(PEER, "audit", "3" * 64, "audit_failed"))
     for i in range(60):
         node.emit(RelayReceived(OTHER, f"{i:064x}", "accepted"))
-    reply = ask(node, "GET /reputation")
+    public = ask(node, "GET /reputation")
+    assert public.status == 200 and "scores" not in public.body and "transactions" not in public.body
+    reply = ask(node, "GET /reputation", token=node.operator_token)
     assert reply.status == 200
     assert reply.body["scores"] == {PEER: round(next_score(1.0, "audit_failed"), 3), OTHER: 1.0}
     assert len(reply.body["transactions"]) == 50 and reply.body["transactions"][0]["packet_id"] == f"{59:064x}"
     assert reply.body["transactions"][0] == {"at": format_timestamp(clock()), "peer": OTHER, "direction": "in",
                                              "packet_id": f"{59:064x}", "outcome": "accepted"}
-    assert ask(node, "GET /status").body["lowest_reputation"] == round(next_score(1.0, "audit_failed"), 3)
+    assert "lowest_reputation" not in ask(node, "GET /status").body  # what it thinks of others: for its operator
+    assert (ask(node, "GET /status", token=node.operator_token).body["lowest_reputation"]
+            == round(next_score(1.0, "audit_failed"), 3))
 
 
 def test_transactions_are_pruned_with_the_retention_but_scores_stay(node, clock):

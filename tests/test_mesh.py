@@ -36,7 +36,7 @@ def status(proc: NodeProcess) -> dict:
 
 
 def trace(proc: NodeProcess, packet_id: str) -> requests.Response:
-    return requests.get(f"{proc.url}/trace/{packet_id}", timeout=HTTP_TIMEOUT)
+    return requests.get(f"{proc.url}/trace/{packet_id}", headers=proc.operator_headers(), timeout=HTTP_TIMEOUT)
 
 
 def post_message(proc: NodeProcess, packet: dict) -> dict:
@@ -338,7 +338,7 @@ def retrieve_ids(node, who: Identity) -> list[str]:
 
 
 def node_trace(node, packet_id: str):
-    reply = ask(node, f"GET /trace/{packet_id}")
+    reply = ask(node, f"GET /trace/{packet_id}", token=node.operator_token)
     return reply.body if reply.status == 200 else None
 
 

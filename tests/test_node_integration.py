@@ -32,7 +32,8 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 
 @pytest.fixture(scope="module")
 def spec_node(tmp_path_factory):
-    node = NodeProcess(tmp_path_factory.mktemp("spec-node") / "data", "shared spec node")
+    # The seed's replayable proofs, on request only (a hardened node is the default): most of this file speaks the seed
+    node = NodeProcess(tmp_path_factory.mktemp("spec-node") / "data", "shared spec node", "--proof-mode", "spec")
     with node.start():
         yield node
 

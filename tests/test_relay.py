@@ -15,7 +15,6 @@ import time
 from contextlib import contextmanager
 
 import pytest
-import requests
 
 from bubble_ref.node import Call
 from bubble_ref.relay import Executor, fetch
@@ -115,8 +114,7 @@ def gzip_bomb(sock, stop):
 
 def timed_fetch(url: str, **call) -> tuple[tuple, float]:
     started = time.monotonic()
-    with requests.Session() as session:
-        result = fetch(session, Call("GET", url, **{"timeout": TIMEOUT, **call}))
+    result = fetch(Call("GET", url, **{"timeout": TIMEOUT, **call}))
     return result, time.monotonic() - started
 
 
@@ -132,8 +130,7 @@ def test_fetch_reads_a_json_answer_and_tolerates_a_body_that_is_not_json():
 
 def test_fetch_sends_the_body_as_json():
     with raw_server(answers_json(b"{}")) as (url, hits):
-        with requests.Session() as session:
-            assert fetch(session, Call("POST", url, {"a": [1, 2]}, timeout=TIMEOUT)) == (200, {})
+        assert fetch(Call("POST", url, {"a": [1, 2]}, timeout=TIMEOUT)) == (200, {})
         head, _, body = hits[0].partition(b"\r\n\r\n")
         assert head.startswith(b"POST / HTTP/1.1") and b"application/json" in head.lower()
         assert json.loads(body) == {"a": [1, 2]}
@@ -203,8 +200,7 @@ def test_redirects_are_not_followed():
                          b"Content-Length: 2\r\n\r\n{}" % target.encode())
         with raw_server(redirect) as (url, hits):
             assert timed_fetch(url)[0][0] == 302
-            with requests.Session() as session:
-                assert fetch(session, Call("POST", url, {"x": 1}, timeout=TIMEOUT))[0] == 302
+            assert fetch(Call("POST", url, {"x": 1}, timeout=TIMEOUT))[0] == 302
         assert len(hits) == 2 and target_hits == [], "the redirect's target was never asked"
 
 
@@ -337,3 +333,40 @@ def test_a_stopped_executor_takes_no_more_calls():
         executor.submit(Call("GET", url, tag=("test", "late"), timeout=TIMEOUT))
         time.sleep(0.5)  # give a (wrongly) started worker time to call; nothing may happen
     assert answers == [] and hits == []
+
+
+def test_a_worker_keeps_its_connection_alive_and_retries_once_when_the_server_closed_it():
+    "Three calls in a row use one TCP connection; a hang-up on the kept connection is retried once on a fresh one."
+    connections, hang_up = [], threading.Event()
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            connections.append(self.client_address)
+            self.request.settimeout(MISBEHAVE)
+            served = 0
+            while read_request(self.request):
+                if hang_up.is_set():  # as a server whose idle timeout crosses our request on the wire
+                    hang_up.clear()
+                    return
+                self.request.sendall(ok_json(b'{"n": %d}' % served))
+                served += 1
+
+    server = _Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    answers = []
+    answered = threading.Semaphore(0)
+    executor = Executor(lambda tag, status, body: (answers.append((tag[1], status, body)), answered.release()))
+    try:
+        for i in range(3):
+            executor.submit(Call("GET", f"{url}/{i}", tag=("test", i), timeout=TIMEOUT))
+            assert answered.acquire(timeout=TIMEOUT + SLACK)
+        assert answers == [(0, 200, {"n": 0}), (1, 200, {"n": 1}), (2, 200, {"n": 2})] and len(connections) == 1
+        hang_up.set()
+        executor.submit(Call("GET", f"{url}/3", tag=("test", 3), timeout=TIMEOUT))
+        assert answered.acquire(timeout=TIMEOUT + SLACK)
+    finally:
+        executor.stop()
+        server.shutdown()
+        server.server_close()
+    assert answers[-1] == (3, 200, {"n": 0}) and len(connections) == 2, "answered on a second, fresh connection"
