@@ -458,6 +458,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'bubble_ref.exercises.Checks.done': ('exercises.html#checks.done', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises.Checks.equal': ('exercises.html#checks.equal', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises.Checks.raises': ('exercises.html#checks.raises', 'bubble_ref/exercises.py'),
+                                      'bubble_ref.exercises.Checks.refuses': ('exercises.html#checks.refuses', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises.Checks.true': ('exercises.html#checks.true', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises.StripError': ('exercises.html#striperror', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises._accepts': ('exercises.html#_accepts', 'bubble_ref/exercises.py'),

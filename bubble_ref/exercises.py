@@ -105,13 +105,14 @@ def _same(got: Any, expected: Any, tolerance: float | None) -> bool:
 
 @patch
 def equal(self: Checks, label: str, compute: Callable[[], Any], expected: Any, hint: str = "", *,
-          tolerance: float | None = None, explain: dict | None = None) -> bool:
-    "✓ if `compute()` returns `expected` (± `tolerance` for numbers); else ✗ with what it returned, and `hint`."
+          tolerance: float | None = None, explain: dict | None = None, shown: str | None = None) -> bool:
+    """✓ if `compute()` returns `expected` (± `tolerance` for numbers); else ✗ with what it returned, and `hint`.
+    The ✓ line shows `expected`, or `shown` instead (for values that are random, or long)."""
     ran, got = self._run(label, compute, hint, explain)
     if not ran:
         return False
     if _same(got, expected, tolerance):
-        return self._pass(f"{label}: {describe(expected)}")
+        return self._pass(f"{label}: {describe(expected) if shown is None else shown}")
     return self._fail(label, f"got {describe(got)}, expected {describe(expected)}", hint)
 
 
@@ -147,6 +148,12 @@ def raises(self: Checks, label: str, compute: Callable[[], Any], error: type | t
     if how == "raised":
         return self._pass(f"{label}: raises {type(what).__name__}")
     return self._fail(label, f"returned {describe(what)}, expected it to raise {expected}", hint)
+
+
+@patch
+def refuses(self: Checks, label: str, compute: Callable[[], Any], hint: str = "") -> bool:
+    "✓ if `compute()` raises any exception at all (which one is the student's choice); else ✗, and `hint`."
+    return self.raises(label, compute, Exception, hint)
 
 # %% ../notebooks/13_exercises.ipynb #exercises-agree
 def _outcome(function: Callable, args: tuple) -> tuple[str, Any]:
