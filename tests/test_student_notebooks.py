@@ -63,6 +63,30 @@ MISTAKES: dict[tuple[str, int], list[tuple[dict[int, str], str]]] = {
     ("04_store", 1): [({0: "return [p.packet_id for p in mailbox.fetch(recipient_id, limit=limit).packets]"},
                        "keep fetching with after=page.next_cursor")],
     ("04_store", 2): [({0: "return received_at + RETENTION"}, "too early: the sweep drops a slot only once")],
+    ("05a_node", 1): [({1: "return Reply(200, json.loads(request.body))"}, "refuse with NodeError(400, 'invalid_json'")],
+    ("05a_node", 2): [({1: "self.beats += 1\nreturn []"}, "or the heart stops after one beat")],
+    ("05b_relay", 1): [({0: "if content_length and content_length > max_bytes:\n    return 413, 'too_large'\n"
+                            "if content_type != 'application/json':\n    return 415, 'unsupported_media_type'\nreturn None"},
+                        "parameters do not count")],
+    ("05b_relay", 2): [({0: "data = b''.join(chunks)\nif len(data) > max_bytes:\n    raise ValueError('too large')\nreturn data"},
+                        "stop at the first chunk that takes you over the limit")],
+    ("06_mesh", 1): [({0: "import ipaddress\nfrom urllib.parse import urlsplit\nhost = urlsplit(url).hostname\ntry:\n"
+                          "    ip = ipaddress.ip_address(host)\nexcept ValueError:\n    return 'public'\n"
+                          "return 'loopback' if ip.is_loopback else 'private' if ip.is_private else 'public'"},
+                      "only http and https")],
+    ("06_mesh", 2): [({0: "return sum(len(n) for n in links) // 2"}, "the two waves meet")],
+    ("06b_sim", 1): [({0: "net = SimNetwork(seed, **kwargs)\nfor name in names:\n    net.add(name, open_mesh_node)\n"
+                          "for a, b in zip(names, names[1:]):\n    net.link(a, b)\nnet.start()\nnet.run(seconds=1)\nreturn net"},
+                      "link E back to A")],
+    ("06b_sim", 2): [({0: "for _ in range(limit):\n    net.run(seconds=1)\n"
+                          "    if all(h.node.mailbox.contains(packet_id) for h in net.hosts.values()):\n"
+                          "        return round(net.now)\nreturn None"}, "within the first second")],
+    ("06c_strategies", 1): [({0: "dist, stack = {source: 0}, [source]\nwhile stack:\n    node = stack.pop()\n"
+                                 "    for n in links[node]:\n        if n not in dist:\n            dist[n] = dist[node] + 1\n"
+                                 "            stack.append(n)\nreturn dist"}, "take the shorter")],
+    ("06c_strategies", 2): [({2: "if msg.id in self.seen[node]:\n    return []\nself.seen[node].add(msg.id)\n"
+                                 "return [Send(p, PAYLOAD, msg._replace(hops=msg.hops + 1)) for p in self.net.links[node]]"},
+                             "never send a packet back")],
     ("13_exercises", 1): [({0: "return key_id[:12]"}, "three groups of four hex characters")],
 }
 
