@@ -87,6 +87,31 @@ MISTAKES: dict[tuple[str, int], list[tuple[dict[int, str], str]]] = {
     ("06c_strategies", 2): [({2: "if msg.id in self.seen[node]:\n    return []\nself.seen[node].add(msg.id)\n"
                                  "return [Send(p, PAYLOAD, msg._replace(hops=msg.hops + 1)) for p in self.net.links[node]]"},
                              "never send a packet back")],
+    ("07_client", 1): [({0: "usable = sorted((s for s in servers if s.load is not None), key=lambda s: s.load)\n"
+                            "if len(usable) < 2:\n    raise NoServerAvailable('too few')\nreturn usable[0].url, usable[1].url"},
+                        "keep the current RX")],
+    ("07_client", 2): [({0: "data = json.loads(content)\nreturn data if data.get('kind') == SELF_COPY_KIND else None"},
+                        "ordinary text is not JSON")],
+    ("07b_anonymity", 1): [({0: "wins = sum(1 for p in positives for n in negatives if p > n)\n"
+                                "return wins / (len(positives) * len(negatives))"}, "a tie counts half")],
+    ("07b_anonymity", 2): [({0: "scores = {'real': [], 'fake': []}\n"
+                                "for (before, _), (moment, kind) in zip(timeline, timeline[1:]):\n"
+                                "    scores[kind].append(moment - before)\nreturn scores['real'], scores['fake']"},
+                            "the last is left out too")],
+    ("08a_contacts", 1): [({0: "return isinstance(name, str) and 0 < len(name.strip()) and len(name) <= 64"},
+                           "no spaces at the start or the end")],
+    ("08a_contacts", 2): [({0: "return name_key(name)"}, "CONFUSABLES maps")],
+    ("08b_ui", 1): [({0: "return f'{doing}: {type(error).__name__}: {error}'"}, "shows its message alone")],
+    ("08b_ui", 2): [({0: "digest = hashlib.sha256((my_id + their_id).encode()).hexdigest()[:12]\n"
+                         "return ' '.join(digest[i:i + 4] for i in range(0, 12, 4))"}, "sort the two ids")],
+    ("09a_ledger", 1): [({0: "score = start\nfor outcome in outcomes:\n    target, weight = WEIGHTS[outcome]\n"
+                             "    score = weight * score + (1 - weight) * target\nreturn score"},
+                         "one signed refusal steps 0.3 towards 0")],
+    ("09a_ledger", 2): [({0: "score, count = start, 0\nwhile score > MonitorConfig().blacklist_below:\n"
+                             "    score, count = next_score(score, 'refused'), count + 1\nreturn count"},
+                         "a score of exactly 0.5 is not blacklisted yet")],
+    ("09a_ledger", 3): [({0: "yes = sum(1 for vote in votes.values() if vote == VOTE_FOR[decision])\n"
+                             "return 2 * yes > len(electorate)"}, "the accused, does not vote on itself")],
     ("13_exercises", 1): [({0: "return key_id[:12]"}, "three groups of four hex characters")],
 }
 
