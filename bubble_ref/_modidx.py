@@ -467,6 +467,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'bubble_ref.exercises._name_of': ('exercises.html#_name_of', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises._outcome': ('exercises.html#_outcome', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises._same': ('exercises.html#_same', 'bubble_ref/exercises.py'),
+                                      'bubble_ref.exercises._stable_repr': ('exercises.html#_stable_repr', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises._where': ('exercises.html#_where', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises.cell_source': ('exercises.html#cell_source', 'bubble_ref/exercises.py'),
                                       'bubble_ref.exercises.count_exercises': ('exercises.html#count_exercises', 'bubble_ref/exercises.py'),

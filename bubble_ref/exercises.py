@@ -24,11 +24,24 @@ __all__ = ['PASS', 'FAIL', 'BEGIN_SOLUTION', 'END_SOLUTION', 'BEGIN_HIDDEN_TESTS
 PASS, FAIL = "✓", "✗"
 
 
+def _stable_repr(value: Any) -> str:
+    "repr, with the items of sets sorted: a set of strings prints in another order in every process."
+    if isinstance(value, (set, frozenset)):
+        items = ", ".join(sorted(_stable_repr(v) for v in value))
+        return ("{" + items + "}" if items else "set()") if isinstance(value, set) else f"frozenset({{{items}}})"
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (set, frozenset, list, tuple, dict)) for v in value):
+        items = [_stable_repr(v) for v in value]
+        return f"[{', '.join(items)}]" if isinstance(value, list) else f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+    if isinstance(value, dict) and any(isinstance(v, (set, frozenset, list, tuple, dict)) for v in value.values()):
+        return "{" + ", ".join(f"{k!r}: {_stable_repr(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
 def describe(value: Any, limit: int = 80) -> str:
-    "A short repr for a check's line: long bytes and text are cut, and say how long they were."
+    "A short repr for a check's line: long bytes and text are cut and say how long they were; sets are sorted."
     if isinstance(value, (bytes, bytearray)) and len(value) > 24:
         return f"{bytes(value[:12])!r}… ({len(value)} bytes)"
-    text = repr(value)
+    text = _stable_repr(value)
     if len(text) <= limit:
         return text
     size = f" ({len(value)} characters)" if isinstance(value, str) else ""

@@ -112,7 +112,38 @@ MISTAKES: dict[tuple[str, int], list[tuple[dict[int, str], str]]] = {
                          "a score of exactly 0.5 is not blacklisted yet")],
     ("09a_ledger", 3): [({0: "yes = sum(1 for vote in votes.values() if vote == VOTE_FOR[decision])\n"
                              "return 2 * yes > len(electorate)"}, "the accused, does not vote on itself")],
+    ("09b_audit", 1): [({0: "if any(answers.values()):\n    return 'found'\n"
+                            "if any(a is False for a in answers.values()):\n    return 'missing'\nreturn 'no answer'"},
+                        "a non-neighbour's 'no' is no evidence")],
+    ("09b_audit", 2): [({0: "state = 'handing'\nfor event in events:\n    state = AUDIT_MOVES.get((state, event), state)\n"
+                            "return state"}, "raise IllegalMove")],
+    ("09c_ballot", 1): [({0: "return len(quorum_base) // 2 + 1"}, "7 voters without the accused")],
+    ("09c_ballot", 2): [({0: "server_id, decided_at, final = decision\nheld[server_id] = (decided_at, final)\nreturn True"},
+                         "an old decision replayed must not undo a newer one")],
+    ("09d_swarm", 1): [({0: "index = {n: i for i, n in enumerate(scenario.names)}\nreached, todo = {origin}, [origin]\n"
+                            "while todo:\n    node = todo.pop()\n    for j in scenario.links[index[node]]:\n"
+                            "        other = scenario.names[j]\n        if other not in reached:\n"
+                            "            reached.add(other)\n            todo.append(other)\nreturn reached"},
+                        "the dropper stops the packet")],
+    ("09d_swarm", 2): [({0: "behaviour = scenario.behaviour\nfor name in scenario.names:\n"
+                            "    if sum(b == 'collude' for b in behaviour.values()) > len(scenario.names) // 2:\n        break\n"
+                            "    if behaviour[name] == 'honest' and name != scenario.victim:\n        behaviour[name] = 'collude'\n"
+                            "return dataclasses.replace(scenario, behaviour=behaviour)"},
+                        "not the scenario you were given")],
+    ("11a_stun", 1): [({0: "return struct.pack('HHI', 0x0001, 0, 0x2112A442) + transaction_id"}, "network byte order")],
+    ("11a_stun", 2): [({0: "return struct.unpack('!H', value[2:4])[0]"}, "XOR the top 16 bits")],
+    ("11a_stun", 3): [({0: "crc = zlib.crc32(message) ^ 0x5354554E\nlength = struct.unpack('!H', message[2:4])[0] + 8\n"
+                           "return message[:2] + struct.pack('!H', length) + message[4:] + struct.pack('!HHI', 0x8028, 4, crc)"},
+                       "the CRC covers the header with the grown length")],
+    ("11b_calls", 1): [({0: "return {state for (role, state, event), new in TRANSITIONS.items()\n"
+                            "        if new == final and role == 'caller'}"}, "a timeout while inviting or ringing")],
+    ("11b_calls", 2): [({0: "return base64.b64encode(hmac.new(username.encode(), secret, hashlib.sha1).digest()).decode()"},
+                        "keyed with the secret")],
+    ("11b_calls", 3): [({0: "return ('callee', 'ringing', 'end'), ('caller', 'inviting', 'hangup')"},
+                        "the caller cancels while its call is still inviting")],
     ("13_exercises", 1): [({0: "return key_id[:12]"}, "three groups of four hex characters")],
+    ("90_cli", 1): [({0: "from bubble_ref.crypto import BOX_OVERHEAD, bucket_for\nreturn bucket_for(n) + BOX_OVERHEAD"},
+                     "plus the sender's key (392 characters)")],
 }
 
 
