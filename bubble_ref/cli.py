@@ -477,6 +477,16 @@ def _add_bench_parser(commands) -> None:
     monitoring_bench.add_argument("--loss", type=float, default=0.1, help="request and answer loss rate (default: 0.1)")
     monitoring_bench.add_argument("--settle", type=float, default=600.0,
                                   help="simulated seconds after the 200 s of traffic (default: 600)")
+    hostile_bench = targets.add_parser(
+        "hostile", help="worst CPU per hostile request vs a valid POST; memory; honest clients beside slow sockets",
+        description="Start a bubble-ref node process; send the security tester's hostile bodies (notebook 10) in "
+                    "alternated rounds beside valid POSTs and read the node's CPU time from /proc; its memory "
+                    "before and after 100 hostile requests; then honest requests from 127.0.0.2 while slow "
+                    "sockets from 127.0.0.1 drip header lines.")
+    hostile_bench.add_argument("--rounds", type=int, default=5, help="alternated rounds (default: 5)")
+    hostile_bench.add_argument("--per-round", type=int, default=40, help="requests per kind per round (default: 40)")
+    hostile_bench.add_argument("--slow-sockets", type=int, default=500, help="slow sockets to open (default: 500)")
+    hostile_bench.add_argument("--honest", type=int, default=100, help="honest requests beside them (default: 100)")
     _add_calls_bench_parser(targets)
 
 # %% ../notebooks/90_cli.ipynb #c411a7b3
@@ -538,6 +548,11 @@ def _run_bench(args: argparse.Namespace) -> str:
     if args.target == "mesh":
         return bench.format_mesh_bench(bench.bench_mesh(args.nodes, args.broadcasts, args.live_messages,
                                                         args.live_nodes))
+    if args.target == "hostile":  # notebook 10
+        from bubble_ref import attacks
+
+        return attacks.format_hostile_bench(attacks.bench_hostile(args.rounds, args.per_round, args.slow_sockets,
+                                                                  args.honest))
     return bench.format_monitoring_bench(bench.bench_monitoring(args.seeds, args.nodes, args.loss, args.settle))
 
 

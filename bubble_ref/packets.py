@@ -18,9 +18,10 @@ from typing import Any, Callable, ClassVar
 __all__ = ['Clock', 'FORMATS', 'FORMAT_NAMES', 'SCHEMA_BASE', 'MAX_PACKET_BYTES', 'PACKET_TYPES', 'SERVER_MESSAGE_TYPES',
            'PacketError', 'system_clock', 'format_timestamp', 'parse_timestamp', 'is_base64', 'format_checker',
            'load_schema', 'inline_common', 'validator_for', 'compile_schema', 'compiled_validator_for', 'describe_rule',
-           'check_compiled', 'validate_dict', 'parse_json', 'Packet', 'ClientMessagePacket', 'InnerMessage',
-           'EncryptedSignature', 'RetrievalPacket', 'MisbehaviorReport', 'QuorumDecision', 'ServerListRequest',
-           'ServerListResponse', 'SignedContent', 'SignedMessage', 'Relay', 'SyncRequest', 'VoteRequest', 'Vote']
+           'check_compiled', 'validate_dict', 'json_shape_limits', 'parse_json', 'Packet', 'ClientMessagePacket',
+           'InnerMessage', 'EncryptedSignature', 'RetrievalPacket', 'MisbehaviorReport', 'QuorumDecision',
+           'ServerListRequest', 'ServerListResponse', 'SignedContent', 'SignedMessage', 'Relay', 'SyncRequest',
+           'VoteRequest', 'Vote']
 
 # %% ../notebooks/01_packets.ipynb #bfbc92af
 class PacketError(ValueError):
@@ -293,14 +294,27 @@ def _check_encodable(value: Any) -> None:
             _check_encodable(item)
 
 
+def json_shape_limits(max_bytes: int) -> tuple[int, int]:
+    """(objects and arrays, commas and colons) a document of at most `max_bytes` may hold. Counted on the raw
+    bytes before parsing — inside strings too, so an honest document stays far below: its strings are base64."""
+    return max(64, max_bytes // 256), max(512, max_bytes // 16)
+
+
 def parse_json(name: str, text: str | bytes, max_bytes: int = MAX_PACKET_BYTES) -> Any:
-    "Parse JSON text strictly (size limit, no duplicate keys, no NaN); PacketError on failure."
+    "Parse JSON text strictly (size and shape limits, no duplicate keys, no NaN); PacketError on failure."
     try:
-        size = len(text.encode("utf-8") if isinstance(text, str) else text)
+        raw = text.encode("utf-8") if isinstance(text, str) else text
     except UnicodeEncodeError as e:
         raise PacketError(name, "/", f"not UTF-8 text ({e.reason} at character {e.start})") from None
-    if size > max_bytes:
-        raise PacketError(name, "/", f"packet is {size} bytes; at most {max_bytes} bytes are accepted")
+    if len(raw) > max_bytes:
+        raise PacketError(name, "/", f"packet is {len(raw)} bytes; at most {max_bytes} bytes are accepted")
+    containers, separators = json_shape_limits(max_bytes)
+    if (count := raw.count(b"{") + raw.count(b"[")) > containers:  # bytes.count is C-fast: bounded work first
+        raise PacketError(name, "/", f"invalid JSON: nested too deeply or too many objects and arrays ({count}; a "
+                                     f"document of at most {max_bytes} bytes may hold {containers})")
+    if (count := raw.count(b",") + raw.count(b":")) > separators:
+        raise PacketError(name, "/", f"invalid JSON: too many values ({count} commas and colons; a document of at "
+                                     f"most {max_bytes} bytes may hold {separators})")
     try:
         if isinstance(text, bytes):  # UTF-8 only: json.loads would also guess UTF-16 and UTF-32
             text = text.decode("utf-8")
