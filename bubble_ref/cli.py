@@ -441,15 +441,17 @@ def _add_bench_parser(commands) -> None:
     crypto.add_argument("-n", "--count", type=int, default=200, help="messages to seal and open (default: 200)")
     crypto.add_argument("--size", type=int, default=1024, help="content size in bytes (default: 1024)")
     crypto.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default: 5)")
-    node_bench = targets.add_parser("node", help="POST /messages against a bare Flask app, same waitress, same load",
-                                    description="Serve the node and a bare Flask app (each in its own process, "
-                                                "same waitress settings) and drive both with the same concurrent "
-                                                "POSTs of ~4 KiB sealed packets on loopback; print req/s, p50/p99 "
-                                                "latency and the ratio; then GET /messages for a mailbox of 50.")
+    node_bench = targets.add_parser("node", help="POST and GET /messages against a bare Flask app, rounds alternated",
+                                    description="Serve the node as `bubble-ref node` does and a bare Flask app "
+                                                "(each in its own process, same waitress settings); send both "
+                                                "batches of ~4 KiB sealed packets, then GETs of a page of 50, in "
+                                                "alternated rounds; print req/s and the servers' CPU per request "
+                                                "(median and range over rounds) and the node/bare ratios.")
     node_bench.add_argument("-n", "--count", type=int, default=2000, help="POSTs per app (default: 2000)")
     node_bench.add_argument("--clients", type=int, default=8, help="client threads (default: 8)")
     node_bench.add_argument("--threads", type=int, default=4, help="waitress threads (default: 4)")
-    node_bench.add_argument("--fetches", type=int, default=300, help="GET /messages requests (default: 300)")
+    node_bench.add_argument("--fetches", type=int, default=500, help="GET /messages requests per app (default: 500)")
+    node_bench.add_argument("--rounds", type=int, default=5, help="alternated rounds (default: 5)")
     store_bench = targets.add_parser("store", help="fetch latency and sweep time in a mailbox of 1,000,000 packets",
                                      description="Fill a SQLite mailbox with packets, time fetching one "
                                                  "recipient's page of 50, time a sweep removing half, and report "
@@ -542,7 +544,8 @@ def _run_bench(args: argparse.Namespace) -> str:
     if args.target == "crypto":
         return bench.format_crypto_bench(bench.bench_crypto(args.count, args.size, args.rounds))
     if args.target == "node":
-        return bench.format_node_bench(bench.bench_node(args.count, args.clients, args.threads, fetches=args.fetches))
+        return bench.format_node_bench(bench.bench_node(args.count, args.clients, args.threads, fetches=args.fetches,
+                                                        rounds=args.rounds))
     if args.target == "store":
         return bench.format_store_bench(bench.bench_store(args.packets, args.recipients, args.fetches, args.dir))
     if args.target == "mesh":
