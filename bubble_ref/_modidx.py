@@ -632,6 +632,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'bubble_ref.packets.Vote': ('packets.html#vote', 'bubble_ref/packets.py'),
                                     'bubble_ref.packets.VoteRequest': ('packets.html#voterequest', 'bubble_ref/packets.py'),
                                     'bubble_ref.packets._check_encodable': ('packets.html#_check_encodable', 'bubble_ref/packets.py'),
+                                    'bubble_ref.packets._depth': ('packets.html#_depth', 'bubble_ref/packets.py'),
                                     'bubble_ref.packets._field_names': ('packets.html#_field_names', 'bubble_ref/packets.py'),
                                     'bubble_ref.packets._is_cursor': ('packets.html#_is_cursor', 'bubble_ref/packets.py'),
                                     'bubble_ref.packets._is_http_url': ('packets.html#_is_http_url', 'bubble_ref/packets.py'),
