@@ -213,7 +213,7 @@ def slot(self: CoverTraffic, kind: str) -> str:
     if kind == "get":
         _, recipient = self._throwaway()
         proof = make_retrieval_proof(recipient, server_id=self.client.server_id(self.client.rx), clock=self.client.clock)
-        self.client.rx_transport.request("GET", f"{self.client.rx}/messages", proof.to_dict())
+        self.client.rx_transport.request("POST", f"{self.client.rx}/messages/retrieve", proof.to_dict())  # as Client.poll
         self.sent["get"] += 1
         return "get"
     with self._lock:
