@@ -152,3 +152,11 @@ def test_a_stale_or_tampered_relay_is_refused(node_b):
     at(clock, SIGNED["relay"]["check_at"])
     reply = node.on_request(Request("POST /relay", json.dumps({**relay, "hops": 2}).encode()))
     assert (reply.status, reply.body["error"]) == (403, "bad_signature")
+
+
+@pytest.mark.parametrize("name", sorted(SIGNED))
+def test_rfc8785_bytes_equal_what_protocol_1_0_signed(name):
+    "§15.1: for every valid object, JCS and 1.0's json.dumps(sort_keys=True, compact, ensure_ascii=False) agree."
+    obj = {k: v for k, v in SIGNED[name]["object"].items() if k != "signature"}
+    old = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert canonical_bytes(obj) == old
