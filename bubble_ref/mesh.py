@@ -582,8 +582,8 @@ def on_answer(self: Broadcast, tag: tuple, status: int | None, body: Any) -> lis
     if packet_id not in flying:
         return self.pump(peer)
     flying.discard(packet_id)
-    not_yet = status is None or status >= 500 or (
-        status == 403 and isinstance(body, dict) and body.get("error") == "unknown_server")
+    not_yet = status is None or status >= 500 or (  # the peer has not resolved us yet, or our clocks disagree
+        status == 403 and isinstance(body, dict) and body.get("error") in ("unknown_server", "stale_request"))
     server = self.peers.peer_at(peer)
     db = self.node.db
     if not_yet:

@@ -113,3 +113,24 @@ def test_a_sync_answer_from_a_peer_blacklisted_meanwhile_is_dropped(tmp_path):
         assert node.mailbox.count() == 1 and any(getattr(a, "url", "").endswith("/sync") for a in actions)
     finally:
         node.close()
+
+
+def test_a_relay_refused_as_stale_waits_in_the_outbox(tmp_path):
+    "§15: 403 stale_request means the clocks disagree; the relay is retried (signed afresh), not dropped."
+    from bubble_ref.mesh import open_mesh_node
+    from bubble_ref.node import After, Call
+
+    clock = ManualClock()
+    peer_url = "http://127.0.0.9:1"
+    node = open_mesh_node(tmp_path / "n", peers=(peer_url,), clock=clock, rng=random.Random(0))
+    peer = Identity.generate()
+    try:
+        node.roles["peers"].learn_peer(peer_url, {"server_id": peer.id, "public_key": peer.public.b64})
+        packet = seal(Identity.generate(), Identity.generate().public, "to a peer with another clock", clock=clock)
+        reply = node.on_request(Request("POST /messages", packet.to_json().encode()))
+        call = next(a for a in reply.actions if isinstance(a, Call))
+        actions = node.on_answer(call.tag, 403, {"error": "stale_request", "detail": "clocks"})
+        assert any(isinstance(a, After) for a in actions), "a retry is scheduled"
+        assert node.roles["broadcast"].outbox_size() == 1
+    finally:
+        node.close()
