@@ -24,9 +24,9 @@ from .packets import (
 from .store import RETENTION, Mailbox, StoreError
 
 # %% auto #0
-__all__ = ['PROOF_MODES', 'REPLAY_SCHEMA', 'Call', 'After', 'Request', 'Reply', 'JsonText', 'body_bytes', 'NodeError', 'Route',
-           'NodeConfig', 'load_or_create_identity', 'LoadMeter', 'coarse_load', 'operator_token', 'Node',
-           'PacketStoring', 'PacketStored', 'StoredReplayCache', 'MailboxService', 'Swept', 'open_relay_node']
+__all__ = ['PROOF_MODES', 'PROTOCOL_VERSION', 'REPLAY_SCHEMA', 'Call', 'After', 'Request', 'Reply', 'JsonText', 'body_bytes',
+           'NodeError', 'Route', 'NodeConfig', 'load_or_create_identity', 'LoadMeter', 'coarse_load', 'operator_token',
+           'Node', 'PacketStoring', 'PacketStored', 'StoredReplayCache', 'MailboxService', 'Swept', 'open_relay_node']
 
 # %% ../notebooks/05a_node.ipynb #833d8baf
 @dataclass(frozen=True)
@@ -124,6 +124,7 @@ class Route:
 
 # %% ../notebooks/05a_node.ipynb #5d70b41f
 PROOF_MODES = ("spec", "hardened")
+PROTOCOL_VERSION = "1.1"  # the wire protocol this node speaks, MAJOR.MINOR (PROTOCOL.md §20), shown in /status
 
 
 @dataclass(frozen=True)
@@ -403,7 +404,8 @@ class MailboxService:
 
     def routes(self) -> list[Route]:
         return [Route("POST", "/messages", self.submit, json_body=True),
-                Route("GET", "/messages", self.retrieve, json_body=True),
+                Route("GET", "/messages", self.retrieve, json_body=True),  # the seed's GET with a body
+                Route("POST", "/messages/retrieve", self.retrieve, json_body=True),  # the same, for browsers and proxies
                 Route("GET", "/status", self.status)]
 
     def start(self) -> list:
@@ -455,7 +457,7 @@ def prove(self: MailboxService, packet: RetrievalPacket):
 
 @patch
 def retrieve(self: MailboxService, request: Request) -> Reply:
-    "GET /messages (RX): check the retrieval proof, then one page of the prover's mailbox after the cursor."
+    "GET /messages or POST /messages/retrieve (RX): check the retrieval proof, then one page of the mailbox after the cursor."
     try:
         packet = RetrievalPacket.from_dict(parse_json("retrieval", request.body))
     except PacketError as e:
@@ -480,7 +482,8 @@ def status(self: MailboxService, request: Request | None = None) -> Reply:
     if self._published is None or now - self._published[0] >= node.config.load_refresh:
         self._published = (now, coarse_load(node.load.per_second()))
     fields = {"name": node.config.name, "server_id": node.id, "public_key": node.identity.public.b64,
-              "version": __version__, "proof_mode": node.config.proof_mode, "load": self._published[1],
+              "version": __version__, "protocol": PROTOCOL_VERSION, "proof_mode": node.config.proof_mode,
+              "load": self._published[1],
               "load_measure": f"requests per second over {int(node.config.load_window.total_seconds())} s, "
                               f"rounded, at most {int(node.config.load_refresh.total_seconds())} s old",
               "time": format_timestamp(now), **node.status_fields()}

@@ -120,81 +120,11 @@ def _view(route, handle: Callable[[Request], Reply], max_bytes: int):
     return view
 
 # %% ../notebooks/05b_relay.ipynb #572d7bbf
-def _schema(name: str) -> dict:
-    return {k: v for k, v in inline_common(load_schema(name)).items() if k not in ("$schema", "$id")}
-
-
-def _error(description: str) -> dict:
-    return {"description": description,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-
-
 def openapi_document() -> dict:
-    "The OpenAPI 3.1 description of the relay's HTTP API."
-    errors = {"400": _error("Not UTF-8, not JSON, or not a valid packet, including a malformed cursor "
-                            "(`invalid_packet`)"),
-              "413": _error("Body larger than the node accepts (`too_large`)"),
-              "415": _error("Body is not application/json (`unsupported_media_type`)")}
-    json_body = lambda ref: {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}}
-    ok = lambda description, ref: {"description": description,
-                                   "content": {"application/json": {"schema": {"$ref": ref}}}}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Purple Bubble relay (bubble_ref)", "version": __version__,
-                 "description": "Client endpoints of a Purple Bubble relay node. Every error is JSON "
-                                "`{error, detail}` with a 4xx status; a 5xx is a bug."},
-        "paths": {
-            "/messages": {
-                "post": {"summary": "TX: submit a sealed client message packet",
-                         "operationId": "postMessage",
-                         "requestBody": json_body("#/components/schemas/ClientMessagePacket"),
-                         "responses": {"202": ok("Stored durably; will be kept until it expires",
-                                                 "#/components/schemas/SubmitResult"),
-                                       **errors, "405": _error("Method not allowed")}},
-                "get": {"summary": "RX: fetch your messages with a retrieval proof as JSON body",
-                        "operationId": "getMessages",
-                        "requestBody": json_body("#/components/schemas/RetrievalPacket"),
-                        "responses": {"200": ok("A page of messages and the cursor to continue from",
-                                                "#/components/schemas/MessagePage"),
-                                      **errors, "401": _error("The proof does not prove the key "
-                                                              "(`bad_proof`, `proof_expired`, `proof_replayed`)")}},
-            },
-            "/status": {"get": {"summary": "Who this node is and how busy it is", "operationId": "getStatus",
-                                "responses": {"200": ok("Node status", "#/components/schemas/Status"),
-                                              "405": _error("Method not allowed")}}},
-            "/openapi.json": {"get": {"summary": "This document", "operationId": "getOpenAPI",
-                                      "responses": {"200": {"description": "OpenAPI 3.1 document",
-                                                            "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-        },
-        "components": {"schemas": {
-            "ClientMessagePacket": _schema("client_message"),
-            "RetrievalPacket": _schema("retrieval"),
-            "Error": {"type": "object", "required": ["error", "detail"],
-                      "properties": {"error": {"type": "string", "description": "stable machine-readable code"},
-                                     "detail": {"type": "string", "description": "what went wrong, for people"}}},
-            "SubmitResult": {"type": "object", "required": ["packet_id", "stored", "expires_at"], "properties": {
-                "packet_id": {"type": "string", "pattern": "^[0-9a-f]{64}$",
-                              "description": "hex SHA-256 computed by the server"},
-                "stored": {"type": "boolean", "description": "false if the node already had this packet"},
-                "expires_at": {"type": "string", "description": "when the node will delete it (UTC)"}}},
-            "MessagePage": {"type": "object", "required": ["messages", "next_cursor", "more"], "properties": {
-                "messages": {"type": "array", "items": {"type": "object",
-                             "required": ["packet_id", "received_at", "packet"], "properties": {
-                                 "packet_id": {"type": "string"}, "received_at": {"type": "string"},
-                                 "packet": {"$ref": "#/components/schemas/ClientMessagePacket"}}}},
-                "next_cursor": {"type": "string", "description": "send this as `cursor` next time"},
-                "more": {"type": "boolean", "description": "true if another page is waiting"}}},
-            "Status": {"type": "object", "required": ["server_id", "public_key", "version", "load"],
-                       "properties": {
-                           "name": {"type": "string"}, "server_id": {"type": "string"},
-                           "public_key": {"type": "string"}, "version": {"type": "string"},
-                           "proof_mode": {"type": "string", "enum": ["spec", "hardened"]},
-                           "load": {"type": "number", "description": "requests per second over the last 60 s"},
-                           "load_measure": {"type": "string"},
-                           "stored_messages": {"type": "integer", "description": "only for the node's operator"},
-                           "time": {"type": "string"}}},
-        }},
-    }
+    "The OpenAPI 3.1 description of every route a node may serve (built in notebook 13 from the route catalog)."
+    from bubble_ref.spec import openapi_document as document  # the standard's own module: catalog, errors, schemas
+
+    return document()
 
 # %% ../notebooks/05b_relay.ipynb #e1f68330
 class Timers:

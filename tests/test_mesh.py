@@ -389,7 +389,7 @@ def test_relay_already_expired_is_not_stored(pair, alice, bob):
     a, b, clock_a, clock_b = pair
     for expires_at in (START - timedelta(minutes=1), START):  # in the past, and exactly now
         packet, pid = fresh_packet(alice, bob, f"expired at {expires_at}")
-        body = sign_relay(a.identity, packet, pid, expires_at, 1, START - DAY)
+        body = sign_relay(a.identity, packet, pid, expires_at, 1, START)  # signed now: a relay signed long ago is refused as stale (§15)
         answer = ask(b, "POST /relay", body)
         assert answer.status == 202 and answer.body["stored"] is False and answer.body["packet_id"] == pid
         assert answer.actions == ()

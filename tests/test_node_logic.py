@@ -417,10 +417,11 @@ def test_an_unknown_route_is_a_404(node):
 # ------------------------------------------------------------------ 5. roles, routes and events
 
 def test_a_relay_node_serves_the_client_api(node):
-    assert sorted(route.name for route in node.routes()) == ["GET /messages", "GET /status", "POST /messages"]
+    assert sorted(route.name for route in node.routes()) == ["GET /messages", "GET /status", "POST /messages",
+                                                             "POST /messages/retrieve"]
     assert isinstance(node.roles["mailbox"], MailboxService)
     assert {r.name: r.json_body for r in node.routes()} == {"POST /messages": True, "GET /messages": True,
-                                                           "GET /status": False}
+                                                           "POST /messages/retrieve": True, "GET /status": False}
 
 
 class Echo:
