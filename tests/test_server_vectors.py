@@ -17,7 +17,7 @@ import pytest
 
 from bubble_ref.ballot import open_monitored_node
 from bubble_ref.crypto import Identity
-from bubble_ref.mesh import canonical_bytes, sign_body, verify_body, verify_server_list
+from bubble_ref.mesh import Server, canonical_bytes, sign_body, verify_body, verify_server_list
 from bubble_ref.node import Request
 from bubble_ref.packets import (
     MisbehaviorReport, QuorumDecision, Relay, ServerListResponse, SyncRequest, Vote, VoteRequest, parse_timestamp,
@@ -109,6 +109,8 @@ def node_b(tmp_path, keys):
     peers.urls = (VECTORS["keys"]["server_a"]["url"],)
     peers.learn_peer(VECTORS["keys"]["server_a"]["url"], {"server_id": keys["server_a"].id,
                                                           "public_key": keys["server_a"].public.b64})
+    server_c = keys["server_c"]  # reports are taken only about servers a node knows: A's list named C
+    peers.remember(Server(server_c.id, VECTORS["keys"]["server_c"]["url"], server_c.public), listed_by=keys["server_a"].id)
     yield node, clock
     node.close()
 
