@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim_parser(commands)
     _add_stun_parser(commands)
     _add_bench_parser(commands)
-    _add_workshop_parser(commands)  # workshop: students' notebooks (notebook 13)
+    _add_workshop_parser(commands)  # workshop: students' notebooks (notebook 14)
     return parser
 
 # %% ../notebooks/90_cli.ipynb #d2c38d95
@@ -538,7 +538,7 @@ def _add_calls_bench_parser(targets) -> None:
 # ---- voice calls (end) ----
 
 # %% ../notebooks/90_cli.ipynb #workshop-students
-# ---- workshop: the students' notebooks (notebook 13) (begin) ----
+# ---- workshop: the students' notebooks (notebook 14) (begin) ----
 def _add_workshop_parser(commands) -> None:
     workshop = commands.add_parser("workshop", help="for teachers: the students' copies of the notebooks",
                                    description="Tools for running a workshop with the notebooks.")
@@ -551,7 +551,7 @@ def _add_student_notebooks_parser(tools) -> None:
         "student-notebooks", help="write the students' copies: solutions replaced by stubs, hidden tests removed",
         description="Write a copy of every notebook to OUT/notebooks with the exercises' solutions replaced by "
                     "`raise NotImplementedError(\"your code here\")`, hidden tests removed and the exercises' outputs "
-                    "cleared (nbgrader's markers; notebook 13). The checks still run and say what is wrong.")
+                    "cleared (nbgrader's markers; notebook 14). The checks still run and say what is wrong.")
     students.add_argument("out", type=Path, metavar="OUT", help="the folder to write to (created if missing)")
     students.add_argument("--notebooks", type=Path, default=None, metavar="DIR",
                           help="the teacher's notebooks (default: the notebooks/ folder beside the bubble_ref package)")
@@ -649,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "stun":  # notebook 11a
         from bubble_ref.stun import run_stun_command
         return run_stun_command(args)
-    if args.command == "workshop" and args.workshop_tool == "student-notebooks":  # notebook 13
+    if args.command == "workshop" and args.workshop_tool == "student-notebooks":  # notebook 14
         return run_student_notebooks_command(args)
     if args.command == "bench" and args.target == "calls":  # notebook 11b: aiortc and coturn
         from bubble_ref.calls import run_calls_bench

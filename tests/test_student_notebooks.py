@@ -1,4 +1,4 @@
-"""The students' copies of the notebooks (notebook 13: `bubble_ref.exercises`; `bubble-ref workshop student-notebooks`).
+"""The students' copies of the notebooks (notebook 14: `bubble_ref.exercises`; `bubble-ref workshop student-notebooks`).
 
 - Stripping leaks nothing: no solution or hidden-test marker, no line of a reference solution or of a hidden
   test, no output of an exercise cell is left in any cell of any student's copy.
@@ -141,7 +141,7 @@ MISTAKES: dict[tuple[str, int], list[tuple[dict[int, str], str]]] = {
                         "keyed with the secret")],
     ("11b_calls", 3): [({0: "return ('callee', 'ringing', 'end'), ('caller', 'inviting', 'hangup')"},
                         "the caller cancels while its call is still inviting")],
-    ("13_exercises", 1): [({0: "return key_id[:12]"}, "three groups of four hex characters")],
+    ("14_exercises", 1): [({0: "return key_id[:12]"}, "three groups of four hex characters")],
     ("90_cli", 1): [({0: "from bubble_ref.crypto import BOX_OVERHEAD, bucket_for\nreturn bucket_for(n) + BOX_OVERHEAD"},
                      "plus the sender's key (392 characters)")],
 }
@@ -227,7 +227,7 @@ def test_every_exercise_has_its_two_cells_and_never_exports():
 def test_nbgrader_would_accept_the_lesson_notebooks():
     "nbgrader looks for the hidden-test words anywhere in a line, in every cell: only checks cells may hold them."
     for path in teacher_notebooks():
-        if path.name.startswith("13_"):
+        if path.name.startswith("14_"):
             continue  # the teachers' notebook quotes the markers in its prose
         for cell in load(path)["cells"]:
             if "HIDDEN TESTS" in cell_source(cell):
