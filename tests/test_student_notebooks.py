@@ -2,7 +2,7 @@
 
 - Stripping leaks nothing: no solution or hidden-test marker, no line of a reference solution or of a hidden
   test, no output of an exercise cell is left in any cell of any student's copy.
-- Every student's copy runs top to bottom in a real kernel (nbclient, this environment's python3). In the
+- Every student's copy (of every notebook, with exercises or without) runs top to bottom in a real kernel (nbclient, this environment's python3). In the
   same run, right after each exercise, the test plays a student: the stub's checks print ✗ "not written
   yet"; a common mistake (MISTAKES below) gets ✗ lines with its hint; the reference solution with the
   hidden tests gets ✓ lines only. A failing exercise must not stop the notebook: the checks print, never raise.
@@ -130,6 +130,20 @@ MISTAKES: dict[tuple[str, int], list[tuple[dict[int, str], str]]] = {
                             "    if behaviour[name] == 'honest' and name != scenario.victim:\n        behaviour[name] = 'collude'\n"
                             "return dataclasses.replace(scenario, behaviour=behaviour)"},
                         "not the scenario you were given")],
+    ("10_attacks", 1): [({0: "return make_retrieval_proof(identity, server_id=server_id, clock=lambda: now - timedelta(minutes=1))"},
+                         "make it older than PROOF_WINDOW"),
+                        ({0: "return make_retrieval_proof(identity, clock=lambda: now - PROOF_WINDOW - timedelta(minutes=1))"},
+                         "bind it to the server")],
+    ("10_attacks", 2): [({0: 'if len(raw) > max_bytes:\n    return "too large"\n'
+                             "containers, separators = json_shape_limits(max_bytes)\n"
+                             'if raw.count(b"[") > containers:\n    return "too many objects and arrays"\n'
+                             'if raw.count(b",") + raw.count(b":") > separators:\n    return "too many values"\nreturn None'},
+                         "objects count too"),
+                        ({0: 'if len(raw) > max_bytes:\n    return "too large"\n'
+                             "containers, separators = json_shape_limits(max_bytes)\n"
+                             'if raw.count(b"{") + raw.count(b"[") >= containers:\n    return "too many objects and arrays"\n'
+                             'if raw.count(b",") + raw.count(b":") >= separators:\n    return "too many values"\nreturn None'},
+                         "a body with exactly the limit passes")],
     ("11a_stun", 1): [({0: "return struct.pack('HHI', 0x0001, 0, 0x2112A442) + transaction_id"}, "network byte order")],
     ("11a_stun", 2): [({0: "return struct.unpack('!H', value[2:4])[0]"}, "XOR the top 16 bits")],
     ("11a_stun", 3): [({0: "crc = zlib.crc32(message) ^ 0x5354554E\nlength = struct.unpack('!H', message[2:4])[0] + 8\n"
@@ -310,8 +324,17 @@ def played(teacher: dict, student: dict, stem: str) -> dict:
                                  for c in cells]}
 
 
-@pytest.mark.parametrize("name", [p.name for p in teacher_notebooks()])
+def test_every_notebook_gets_a_copy_and_one_without_exercises_is_the_lesson_itself(copies):
+    names = {p.name for p in NOTEBOOKS.glob("*.ipynb")}
+    assert {p.name for p in copies.glob("*.ipynb")} == names
+    for name in sorted(names - {p.name for p in teacher_notebooks()}):
+        teacher, student = load(NOTEBOOKS / name), load(copies / name)
+        assert [(c["id"], cell_source(c)) for c in teacher["cells"]] == [(c["id"], cell_source(c)) for c in student["cells"]]
+
+
+@pytest.mark.parametrize("name", [p.name for p in sorted(NOTEBOOKS.glob("*.ipynb"))])
 def test_a_students_copy_runs_and_its_checks_say_what_is_wrong(copies, name):
+    "Every copy runs; in one with exercises, each stub, common mistake and reference solution gets its lines."
     from nbclient import NotebookClient
     import nbformat
 
@@ -333,4 +356,7 @@ def test_a_students_copy_runs_and_its_checks_say_what_is_wrong(copies, name):
         reference = re.fullmatch(r"test-reference-(\d+)-checks", cell_id)
         if reference:
             assert "✗" not in output and re.search(r"→ .*: all \d+ checks pass", output), (name, cell_id, output)
-    assert any(re.fullmatch(r"test-reference-\d+-checks", i) for i in ran), name
+    if exercises(student):
+        assert any(re.fullmatch(r"test-reference-\d+-checks", i) for i in ran), name
+    else:  # a lesson without exercises: it ran to the end, every code cell
+        assert all(cell.get("execution_count") for cell in notebook.cells if cell["cell_type"] == "code"), name
