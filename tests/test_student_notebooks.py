@@ -2,10 +2,11 @@
 
 - Stripping leaks nothing: no solution or hidden-test marker, no line of a reference solution or of a hidden
   test, no output of an exercise cell is left in any cell of any student's copy.
-- Every student's copy (of every notebook, with exercises or without) runs top to bottom in a real kernel (nbclient, this environment's python3). In the
-  same run, right after each exercise, the test plays a student: the stub's checks print ✗ "not written
-  yet"; a common mistake (MISTAKES below) gets ✗ lines with its hint; the reference solution with the
-  hidden tests gets ✓ lines only. A failing exercise must not stop the notebook: the checks print, never raise.
+- Every student's copy (of every notebook, with exercises or without) runs top to bottom in a real kernel
+  (nbclient, this environment's python3). In the same run, right after each exercise, the test plays a
+  student: the stub's checks print ✗ "not written yet"; a common mistake (MISTAKES below) gets ✗ lines with
+  its hint; the reference solution with the hidden tests gets ✓ lines only. A failing exercise must not stop
+  the notebook: the checks print, never raise.
 
 Running every copy takes a few minutes (each notebook runs as its lesson does, servers included); each
 notebook is its own test, with a generous per-cell timeout.
