@@ -175,6 +175,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'bubble_ref.bench._best_time': ('bench.html#_best_time', 'bubble_ref/bench.py'),
                                   'bubble_ref.bench._live_line': ('bench.html#_live_line', 'bubble_ref/bench.py'),
                                   'bubble_ref.bench._serve': ('bench.html#_serve', 'bubble_ref/bench.py'),
+                                  'bubble_ref.bench._sweep_beside_a_writer': ('bench.html#_sweep_beside_a_writer', 'bubble_ref/bench.py'),
                                   'bubble_ref.bench.bench_crypto': ('bench.html#bench_crypto', 'bubble_ref/bench.py'),
                                   'bubble_ref.bench.bench_mesh': ('bench.html#bench_mesh', 'bubble_ref/bench.py'),
                                   'bubble_ref.bench.bench_monitoring': ('bench.html#bench_monitoring', 'bubble_ref/bench.py'),
