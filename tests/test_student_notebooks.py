@@ -156,6 +156,15 @@ MISTAKES: dict[tuple[str, int], list[tuple[dict[int, str], str]]] = {
                         "keyed with the secret")],
     ("11b_calls", 3): [({0: "return ('callee', 'ringing', 'end'), ('caller', 'inviting', 'hangup')"},
                         "the caller cancels while its call is still inviting")],
+    ("13_spec", 1): [({0: "return json.dumps(obj, sort_keys=True).encode()"}, "json.dumps needs three arguments"),
+                     ({0: "def without_signatures(value):\n    if isinstance(value, dict):\n"
+                          "        return {k: without_signatures(v) for k, v in value.items() if k != 'signature'}\n"
+                          "    if isinstance(value, list):\n        return [without_signatures(v) for v in value]\n"
+                          "    return value\n"
+                          "return json.dumps(without_signatures(obj), sort_keys=True, separators=(',', ':'),\n"
+                          "                  ensure_ascii=False).encode()"},
+                      "only the top-level signature is left out")],
+    ("13_spec", 2): [({0: "return rule.replace('<', '{').replace('>', '}')"}, "drop the converter")],
     ("14_exercises", 1): [({0: "return key_id[:12]"}, "three groups of four hex characters")],
     ("90_cli", 1): [({0: "from bubble_ref.crypto import BOX_OVERHEAD, bucket_for\nreturn bucket_for(n) + BOX_OVERHEAD"},
                      "plus the sender's key (392 characters)")],
