@@ -125,7 +125,14 @@ MISTAKES: dict[tuple[str, int], list[tuple[dict[int, str], str]]] = {
                             "while todo:\n    node = todo.pop()\n    for j in scenario.links[index[node]]:\n"
                             "        other = scenario.names[j]\n        if other not in reached:\n"
                             "            reached.add(other)\n            todo.append(other)\nreturn reached"},
-                        "the dropper stops the packet")],
+                        "the dropper stops the packet"),
+                       ({0: "relays = {n for n in scenario.names if scenario.behaviour[n] in ('honest', 'collude')}\n"
+                            "if origin not in relays:\n    return {origin}\n"
+                            "index = {n: i for i, n in enumerate(scenario.names)}\nreached, todo = {origin}, [origin]\n"
+                            "while todo:\n    node = todo.pop()\n    for j in scenario.links[index[node]]:\n"
+                            "        other = scenario.names[j]\n        if other in relays and other not in reached:\n"
+                            "            reached.add(other)\n            todo.append(other)\nreturn reached"},
+                        "a Sybil relays too")],
     ("09d_swarm", 2): [({0: "behaviour = scenario.behaviour\nfor name in scenario.names:\n"
                             "    if sum(b == 'collude' for b in behaviour.values()) > len(scenario.names) // 2:\n        break\n"
                             "    if behaviour[name] == 'honest' and name != scenario.victim:\n        behaviour[name] = 'collude'\n"
