@@ -20,7 +20,7 @@ from .packets import MAX_PACKET_BYTES
 
 # %% auto #0
 __all__ = ['DEMO_NODES', 'DEFAULT_DATA_DIR', 'run_demo', 'run_node_command', 'wait_until_answering', 'run_mesh_command',
-           'build_parser', 'run_sim_command', 'main']
+           'build_parser', 'run_student_notebooks_command', 'run_sim_command', 'main']
 
 # %% ../notebooks/90_cli.ipynb #4dbb191c
 def _short(text: str, keep: int = 20) -> str:
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim_parser(commands)
     _add_stun_parser(commands)
     _add_bench_parser(commands)
+    _add_workshop_parser(commands)  # workshop: students' notebooks (notebook 14)
     return parser
 
 # %% ../notebooks/90_cli.ipynb #d2c38d95
@@ -536,6 +537,54 @@ def _add_calls_bench_parser(targets) -> None:
                              help="relay: through TURN over TLS; direct: host candidates (default: relay)")
 # ---- voice calls (end) ----
 
+# %% ../notebooks/90_cli.ipynb #workshop-students
+# ---- workshop: the students' notebooks (notebook 14) (begin) ----
+def _add_workshop_parser(commands) -> None:
+    workshop = commands.add_parser("workshop", help="for teachers: the students' copies of the notebooks",
+                                   description="Tools for running a workshop with the notebooks.")
+    tools = workshop.add_subparsers(dest="workshop_tool", required=True, metavar="TOOL")
+    _add_student_notebooks_parser(tools)
+
+
+def _add_student_notebooks_parser(tools) -> None:
+    students = tools.add_parser(
+        "student-notebooks", help="write the students' copies: solutions replaced by stubs, hidden tests removed",
+        description="Write a copy of every notebook to OUT/notebooks with the exercises' solutions replaced by "
+                    "`raise NotImplementedError(\"your code here\")`, hidden tests removed and the exercises' outputs "
+                    "cleared (nbgrader's markers; notebook 14). The checks still run and say what is wrong.")
+    students.add_argument("out", type=Path, metavar="OUT", help="the folder to write to (created if missing)")
+    students.add_argument("--notebooks", type=Path, default=None, metavar="DIR",
+                          help="the teacher's notebooks (default: the notebooks/ folder beside the bubble_ref package)")
+    students.add_argument("--overwrite", action="store_true",
+                          help="replace copies already in OUT/notebooks (a student's work in them is lost)")
+
+
+def run_student_notebooks_command(args: argparse.Namespace) -> int:
+    "`bubble-ref workshop student-notebooks OUT`: the students' copies of every notebook in OUT/notebooks."
+    import bubble_ref
+    from bubble_ref.exercises import StripError, write_student_notebooks
+
+    source = args.notebooks or Path(bubble_ref.__file__).resolve().parent.parent / "notebooks"
+    if not source.is_dir():
+        print(f"bubble-ref workshop student-notebooks: no notebooks folder at {source}; pass --notebooks DIR "
+              "(the repository's notebooks/)", file=sys.stderr)
+        return 2
+    target = args.out / "notebooks"
+    try:
+        written = write_student_notebooks(source, target, overwrite=args.overwrite)
+    except FileExistsError as e:
+        print(f"bubble-ref workshop student-notebooks: {e} (--overwrite)", file=sys.stderr)
+        return 1
+    except (StripError, FileNotFoundError) as e:
+        print(f"bubble-ref workshop student-notebooks: {e}", file=sys.stderr)
+        return 2
+    exercises = sum(written.values())
+    print(f"wrote {len(written)} notebooks to {target}: {exercises} exercises, their solutions replaced by stubs "
+          f"and their hidden tests removed")
+    print(f"students: open them with `jupyter lab {target}`; each exercise's checks say what is wrong")
+    return 0
+# ---- workshop: the students' notebooks (end) ----
+
 # %% ../notebooks/90_cli.ipynb #b7a5e5f8
 def _run_bench(args: argparse.Namespace) -> str:
     "Run one `bubble-ref bench TARGET` and return what it prints (each target imports only what it needs)."
@@ -600,6 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "stun":  # notebook 11a
         from bubble_ref.stun import run_stun_command
         return run_stun_command(args)
+    if args.command == "workshop" and args.workshop_tool == "student-notebooks":  # notebook 14
+        return run_student_notebooks_command(args)
     if args.command == "bench" and args.target == "calls":  # notebook 11b: aiortc and coturn
         from bubble_ref.calls import run_calls_bench
         return run_calls_bench(args)
