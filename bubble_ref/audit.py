@@ -250,7 +250,7 @@ def conclude(self: Auditor, audit_id: int, verdict: str) -> list:
 def _check_call(self: Auditor, audit_id: int, server: Server, round_: int) -> Call:
     "A retrieval as the throwaway recipient would make it: a proof bound to `server` and now (accepted in every mode)."
     proof = make_retrieval_proof(self.keys[audit_id], server_id=server.server_id, clock=self.node.clock)
-    return Call("GET", f"{server.url}/messages", proof.to_dict(),
+    return Call("POST", f"{server.url}/messages/retrieve", proof.to_dict(),  # exactly as a client retrieves
                 tag=(self.name, "check", audit_id, server.server_id, round_), timeout=10.0)
 
 # %% ../notebooks/09b_audit.ipynb #2a15511a

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import multiprocessing
 import os
 import random
@@ -108,8 +109,9 @@ def format_crypto_bench(result: CryptoBench) -> str:
     ])
 
 # %% ../notebooks/91_bench.ipynb #aa5a18ee
-def _bare_app():
-    from flask import Flask, request
+def _bare_app(get_body: bytes):
+    "The baseline: waitress and Flask parsing the JSON body, nothing else (GET answers the node's bytes)."
+    from flask import Flask, Response, request
 
     app = Flask("bare")
 
@@ -118,17 +120,25 @@ def _bare_app():
         request.get_json(force=True)
         return {"ok": True}, 202
 
+    @app.get("/messages")
+    def get():
+        request.get_json(force=True)  # the node must parse the proof too
+        return Response(get_body, mimetype="application/json")
+
     return app
 
 
-def _serve(kind: str, data_dir: str, threads: int, ready) -> None:
-    "Child process: serve the node exactly as `bubble-ref node` does (every role, the real driver), or the bare app."
+def _serve(kind: str, data_dir: str, threads: int, get_body: bytes, ready) -> None:
+    "Child process: the node exactly as `bubble-ref node` serves it (every role, its logging), or the bare app."
     import logging
     import random
 
     from waitress.server import create_server
 
-    logging.getLogger("waitress").setLevel(logging.ERROR)  # "task queue depth" notes would interleave with results
+    # `bubble-ref node` logs one line per request at its default level: so does the node here (to nowhere).
+    logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     if kind == "node":
         from bubble_ref.ballot import open_monitored_node
         from bubble_ref.packets import system_clock
@@ -139,18 +149,19 @@ def _serve(kind: str, data_dir: str, threads: int, ready) -> None:
         server = create_waitress(node, driver, "127.0.0.1", 0, threads)
         driver.start()
     else:
-        server = create_server(_bare_app(), host="127.0.0.1", port=0, threads=threads)
+        server = create_server(_bare_app(get_body), host="127.0.0.1", port=0, threads=threads)
     ready.put(server.effective_port)
     server.run()
 
 
 @dataclass(frozen=True)
 class LoadResult:
-    "Throughput and latency of one load run."
+    "One load run: its requests, wall time, each latency, failures, and the load generator's own CPU time."
     requests: int
     seconds: float
     latencies: list[float]
     failures: int
+    client_cpu: float = 0.0
 
     @property
     def per_second(self) -> float:
@@ -161,112 +172,170 @@ class LoadResult:
 
 
 def drive(url: str, bodies: list[bytes], clients: int, method: str = "POST") -> LoadResult:
-    "Send every body once from `clients` threads; time each request and the whole run."
+    """Send every body once from `clients` threads, each on one keep-alive connection (`http.client`: a light
+    client, so that the generator is less likely the bottleneck); time each request and the whole run."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
     latencies: list[float] = []
     failures = 0
     lock = threading.Lock()
     index = iter(range(len(bodies)))
+    headers = {"Content-Type": "application/json"}
 
     def client():
         nonlocal failures
-        session = requests.Session()
-        headers = {"Content-Type": "application/json"}
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         while True:
             with lock:
                 i = next(index, None)
             if i is None:
+                connection.close()
                 return
             start = time.perf_counter()
-            response = session.request(method, url, data=bodies[i], headers=headers, timeout=30)
+            try:
+                connection.request(method, parts.path, body=bodies[i], headers=headers)
+                response = connection.getresponse()
+                response.read()
+                failed = response.status >= 400
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+                failed = True
             elapsed = time.perf_counter() - start
             with lock:
                 latencies.append(elapsed)
-                failures += response.status_code >= 400
+                failures += failed
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return LoadResult(len(bodies), time.perf_counter() - start, latencies, failures)
+    return LoadResult(len(bodies), time.perf_counter() - start, latencies, failures, time.process_time() - cpu)
 
 
 class _Served:
-    "Context manager: an app served by waitress in a child process."
+    "Context manager: an app served by waitress in a child process; its URL and its pid (for /proc)."
 
-    def __init__(self, kind: str, data_dir: str, threads: int):
+    def __init__(self, kind: str, data_dir: str, threads: int, get_body: bytes = b"{}"):
         # The child imports the target by its module path; naming it that way works from a notebook too.
         from bubble_ref.bench import _serve as serve
         context = multiprocessing.get_context("spawn")
         self.ready = context.Queue()
-        self.process = context.Process(target=serve, args=(kind, data_dir, threads, self.ready), daemon=True)
+        self.process = context.Process(target=serve, args=(kind, data_dir, threads, get_body, self.ready), daemon=True)
 
-    def __enter__(self) -> str:
+    def __enter__(self) -> "_Served":
         self.process.start()
-        return f"http://127.0.0.1:{self.ready.get(timeout=60)}"
+        self.url, self.pid = f"http://127.0.0.1:{self.ready.get(timeout=120)}", self.process.pid
+        return self
 
     def __exit__(self, *exc) -> None:
         self.process.terminate()
         self.process.join(10)
 
-
+# %% ../notebooks/91_bench.ipynb #1e7fd9ab
 @dataclass(frozen=True)
 class NodeBench:
+    "Per kind ('bare POST', 'node POST', 'bare GET', 'node GET'), per round: (load result, server CPU seconds)."
     packet_bytes: int
     clients: int
     threads: int
-    bare: LoadResult
-    node: LoadResult
-    fetch: LoadResult
     mailbox_messages: int
+    runs: dict
 
-    @property
-    def ratio(self) -> float:
-        return self.node.per_second / self.bare.per_second
+    def per_second(self, kind: str) -> list[float]:
+        return [load.per_second for load, _ in self.runs[kind]]
+
+    def cpu_ms(self, kind: str) -> list[float]:
+        "The server's CPU time per request, in each round."
+        return [cpu * 1000 / load.requests for load, cpu in self.runs[kind]]
+
+    def ratios(self, what: str, method: str) -> list[float]:
+        "Per round, node against bare: throughput (node/bare), or CPU efficiency (bare CPU / node CPU)."
+        node, bare = f"node {method}", f"bare {method}"
+        if what == "throughput":
+            return [n / b for n, b in zip(self.per_second(node), self.per_second(bare))]
+        return [b / n for n, b in zip(self.cpu_ms(node), self.cpu_ms(bare)) if n > 0]
 
 
 def bench_node(count: int = 2000, clients: int = 8, threads: int = 4, content_size: int = 1500,
-               mailbox_messages: int = 50, fetches: int = 300) -> NodeBench:
-    "POST throughput of the node against a bare Flask app; GET throughput for a mailbox of 50."
-    if count < 10 or clients < 1 or threads < 1 or fetches < 10:
-        raise ValueError("count and fetches must be at least 10, clients and threads at least 1")
-    alice, bob = Identity.generate(), Identity.generate()
+               mailbox_messages: int = 50, fetches: int = 500, rounds: int = 5) -> NodeBench:
+    """POST and GET /messages of the node as `bubble-ref node` serves it, against a bare app, in alternated rounds:
+    both servers run side by side, and each round sends a batch to each (the order swapped every round)."""
+    from bubble_ref.attacks import process_cpu_seconds
+
+    if count < 10 * rounds or clients < 1 or threads < 1 or fetches < 10 * rounds or rounds < 1:
+        raise ValueError("need at least 10 POSTs and 10 GETs per round, 1 client, 1 thread and 1 round")
+    alice, bob, carol = Identity.generate(), Identity.generate(), Identity.generate()
     warmup = max(10, count // 20)
-    packets = [seal(alice, bob.public.b64, "x" * content_size).to_json().encode() for _ in range(warmup + count)]
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="bubble-bench-") as data_dir:
-        for kind in ("bare", "node"):
-            with _Served(kind, data_dir, threads) as url:
-                drive(f"{url}/messages", packets[:warmup], clients)
-                results[kind] = drive(f"{url}/messages", packets[warmup:], clients)
-        with tempfile.TemporaryDirectory(prefix="bubble-bench-fetch-") as fetch_dir:
-            with _Served("node", fetch_dir, threads) as url:
-                for body in packets[:mailbox_messages]:
-                    requests.post(f"{url}/messages", data=body, headers={"Content-Type": "application/json"},
-                                  timeout=30).raise_for_status()
-                # The node is hardened, as `bubble-ref node` is by default: each proof is bound to this server
-                # and accepted once, so the load generator signs one per GET before the clock starts.
-                server_id = requests.get(f"{url}/status", timeout=30).json()["server_id"]
-                proofs = [make_retrieval_proof(bob, server_id=server_id).to_json().encode() for _ in range(10 + fetches)]
-                drive(f"{url}/messages", proofs[:10], clients, method="GET")
-                fetch = drive(f"{url}/messages", proofs[10:], clients, method="GET")
-    return NodeBench(len(packets[0]), clients, threads, results["bare"], results["node"], fetch, mailbox_messages)
+    waiting = [seal(alice, bob.public.b64, "x" * content_size).to_json().encode() for _ in range(mailbox_messages)]
+    packets = [seal(alice, carol.public.b64, "x" * content_size).to_json().encode() for _ in range(2 * (warmup + count))]
+    runs = {kind: [] for kind in ("bare POST", "node POST", "bare GET", "node GET")}
+    with tempfile.TemporaryDirectory(prefix="bubble-bench-") as root:
+        with _Served("node", f"{root}/node", threads) as node:
+            fetch = node  # the posts are for Carol: Bob's mailbox stays at its 50 packets
+            for body in waiting:
+                requests.post(f"{fetch.url}/messages", data=body, headers={"Content-Type": "application/json"},
+                              timeout=60).raise_for_status()
+            # The node is hardened, as `bubble-ref node` is by default: each proof is bound to the server and
+            # accepted once, so the generator signs one per GET before the clock starts.
+            server_id = requests.get(f"{fetch.url}/status", timeout=60).json()["server_id"]
+            proofs = [make_retrieval_proof(bob, server_id=server_id).to_json().encode()
+                      for _ in range(warmup + fetches + 2)]
+            page = requests.get(f"{fetch.url}/messages", data=proofs.pop(), timeout=60,
+                                headers={"Content-Type": "application/json"}).content
+            bare_proof = proofs.pop()  # the bare app parses a proof and answers the page: one proof will do
+            with _Served("bare", f"{root}/bare", threads, page) as bare:
+                servers = {"node POST": node, "bare POST": bare, "node GET": fetch, "bare GET": bare}
+                posts, gets = iter(packets), iter(proofs)
+                batches = {"POST": count // rounds, "GET": fetches // rounds}
+                for kind, server in servers.items():  # warm up each: imports, caches, first SQLite pages
+                    side, method = kind.split()
+                    bodies = [next(posts) if method == "POST" else next(gets) if side == "node" else bare_proof
+                              for _ in range(warmup // 2)]
+                    drive(f"{server.url}/messages", bodies, clients, method)
+                for r in range(rounds):
+                    for method in ("POST", "GET"):
+                        for side in (("node", "bare") if r % 2 else ("bare", "node")):
+                            kind, server = f"{side} {method}", servers[f"{side} {method}"]
+                            if method == "POST":
+                                bodies = [next(posts) for _ in range(batches["POST"])]
+                            elif side == "node":
+                                bodies = [next(gets) for _ in range(batches["GET"])]
+                            else:
+                                bodies = [bare_proof] * batches["GET"]
+                            before = process_cpu_seconds(server.pid)
+                            load = drive(f"{server.url}/messages", bodies, clients, method)
+                            runs[kind].append((load, process_cpu_seconds(server.pid) - before))
+    return NodeBench(len(packets[0]), clients, threads, mailbox_messages, runs)
 
 
 def format_node_bench(result: NodeBench) -> str:
     "The table `bubble-ref bench node` prints."
-    row = lambda name, r: (f"{name:34}{r.per_second:>9.1f}{r.percentile(50):>9.2f}{r.percentile(99):>9.2f}"
-                           f"{r.failures:>9}")
-    return "\n".join([
-        f"bubble-ref bench node: {result.node.requests} POSTs of a {result.packet_bytes}-byte packet, "
-        f"{result.clients} client threads, waitress with {result.threads} threads, loopback",
-        f"{'':34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>9}",
-        row("bare Flask app, POST (baseline)", result.bare),
-        row("node POST /messages (durable)", result.node),
-        f"ratio node / bare: {result.ratio:.3f}",
-        row(f"node GET /messages ({result.mailbox_messages} waiting)", result.fetch),
-    ])
+    def spread(values: list[float], digits: int = 2) -> str:
+        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    rounds = len(result.runs["node POST"])
+    lines = [f"bubble-ref bench node: {rounds} alternated rounds; POST a {result.packet_bytes}-byte packet, GET a page "
+             f"of {result.mailbox_messages}; {result.clients} keep-alive client threads, waitress with {result.threads} "
+             f"threads, loopback; server CPU from /proc (10 ms ticks)",
+             f"{'':38}{'req/s median (min-max)':>26}{'server CPU ms/req':>24}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"]
+    names = {"bare POST": "bare Flask+waitress POST (get_json)", "node POST": "node POST /messages (as served)",
+             "bare GET": "bare app GET (the same bytes)", "node GET": f"node GET /messages ({result.mailbox_messages})"}
+    for kind, name in names.items():
+        latencies = [x for load, _ in result.runs[kind] for x in load.latencies]
+        p = statistics.quantiles(latencies, n=100, method="inclusive")
+        lines.append(f"{name:38}{spread(result.per_second(kind), 0):>26}{spread(result.cpu_ms(kind)):>24}"
+                     f"{p[49] * 1000:8.2f}{p[98] * 1000:8.2f}{sum(l.failures for l, _ in result.runs[kind]):7}")
+    for method, target in (("POST", 0.6), ("GET", 0.5)):
+        lines.append(f"node/bare {method}: throughput {spread(result.ratios('throughput', method))}, CPU efficiency "
+                     f"(bare CPU / node CPU per request) {spread(result.ratios('cpu', method))}; target {target}")
+    client = [load.client_cpu / load.seconds for runs in result.runs.values() for load, _ in runs]
+    lines.append(f"load generator: {statistics.median(client):.0%} of a core (max {max(client):.0%}); near 100% it "
+                 f"limits the rates, not the CPU per request")
+    return "\n".join(lines)
 
 # %% ../notebooks/91_bench.ipynb #3180c797
 @dataclass(frozen=True)

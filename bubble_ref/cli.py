@@ -442,15 +442,17 @@ def _add_bench_parser(commands) -> None:
     crypto.add_argument("-n", "--count", type=int, default=200, help="messages to seal and open (default: 200)")
     crypto.add_argument("--size", type=int, default=1024, help="content size in bytes (default: 1024)")
     crypto.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default: 5)")
-    node_bench = targets.add_parser("node", help="POST /messages against a bare Flask app, same waitress, same load",
-                                    description="Serve the node and a bare Flask app (each in its own process, "
-                                                "same waitress settings) and drive both with the same concurrent "
-                                                "POSTs of ~4 KiB sealed packets on loopback; print req/s, p50/p99 "
-                                                "latency and the ratio; then GET /messages for a mailbox of 50.")
+    node_bench = targets.add_parser("node", help="POST and GET /messages against a bare Flask app, rounds alternated",
+                                    description="Serve the node as `bubble-ref node` does and a bare Flask app "
+                                                "(each in its own process, same waitress settings); send both "
+                                                "batches of ~4 KiB sealed packets, then GETs of a page of 50, in "
+                                                "alternated rounds; print req/s and the servers' CPU per request "
+                                                "(median and range over rounds) and the node/bare ratios.")
     node_bench.add_argument("-n", "--count", type=int, default=2000, help="POSTs per app (default: 2000)")
     node_bench.add_argument("--clients", type=int, default=8, help="client threads (default: 8)")
     node_bench.add_argument("--threads", type=int, default=4, help="waitress threads (default: 4)")
-    node_bench.add_argument("--fetches", type=int, default=300, help="GET /messages requests (default: 300)")
+    node_bench.add_argument("--fetches", type=int, default=500, help="GET /messages requests per app (default: 500)")
+    node_bench.add_argument("--rounds", type=int, default=5, help="alternated rounds (default: 5)")
     store_bench = targets.add_parser("store", help="fetch latency and sweep time in a mailbox of 1,000,000 packets",
                                      description="Fill a SQLite mailbox with packets, time fetching one "
                                                  "recipient's page of 50, time a sweep removing half, and report "
@@ -478,6 +480,16 @@ def _add_bench_parser(commands) -> None:
     monitoring_bench.add_argument("--loss", type=float, default=0.1, help="request and answer loss rate (default: 0.1)")
     monitoring_bench.add_argument("--settle", type=float, default=600.0,
                                   help="simulated seconds after the 200 s of traffic (default: 600)")
+    hostile_bench = targets.add_parser(
+        "hostile", help="worst CPU per hostile request vs a valid POST; memory; honest clients beside slow sockets",
+        description="Start a bubble-ref node process; send the security tester's hostile bodies (notebook 10) in "
+                    "alternated rounds beside valid POSTs and read the node's CPU time from /proc; its memory "
+                    "before and after 100 hostile requests; then honest requests from 127.0.0.2 while slow "
+                    "sockets from 127.0.0.1 drip header lines.")
+    hostile_bench.add_argument("--rounds", type=int, default=5, help="alternated rounds (default: 5)")
+    hostile_bench.add_argument("--per-round", type=int, default=40, help="requests per kind per round (default: 40)")
+    hostile_bench.add_argument("--slow-sockets", type=int, default=500, help="slow sockets to open (default: 500)")
+    hostile_bench.add_argument("--honest", type=int, default=100, help="honest requests beside them (default: 100)")
     _add_calls_bench_parser(targets)
 
 # %% ../notebooks/90_cli.ipynb #c411a7b3
@@ -616,12 +628,18 @@ def _run_bench(args: argparse.Namespace) -> str:
     if args.target == "crypto":
         return bench.format_crypto_bench(bench.bench_crypto(args.count, args.size, args.rounds))
     if args.target == "node":
-        return bench.format_node_bench(bench.bench_node(args.count, args.clients, args.threads, fetches=args.fetches))
+        return bench.format_node_bench(bench.bench_node(args.count, args.clients, args.threads, fetches=args.fetches,
+                                                        rounds=args.rounds))
     if args.target == "store":
         return bench.format_store_bench(bench.bench_store(args.packets, args.recipients, args.fetches, args.dir))
     if args.target == "mesh":
         return bench.format_mesh_bench(bench.bench_mesh(args.nodes, args.broadcasts, args.live_messages,
                                                         args.live_nodes))
+    if args.target == "hostile":  # notebook 10
+        from bubble_ref import attacks
+
+        return attacks.format_hostile_bench(attacks.bench_hostile(args.rounds, args.per_round, args.slow_sockets,
+                                                                  args.honest))
     return bench.format_monitoring_bench(bench.bench_monitoring(args.seeds, args.nodes, args.loss, args.settle))
 
 

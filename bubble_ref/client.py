@@ -311,7 +311,8 @@ class Client:
         cursor, new = (row[0] if row else ""), []
         while True:
             proof = make_retrieval_proof(self.identity, server_id=self.server_id(self.rx), clock=self.clock)
-            status, page = self.rx_transport.request("GET", f"{self.rx}/messages", {**proof.to_dict(), "cursor": cursor})
+            status, page = self.rx_transport.request("POST", f"{self.rx}/messages/retrieve",  # no GET body (§14)
+                                                     {**proof.to_dict(), "cursor": cursor})
             if status != 200:
                 raise ClientError(f"{self.rx} answered {status}: {page}")
             for item in page["messages"]:

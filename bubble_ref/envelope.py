@@ -97,9 +97,9 @@ def _as_packet(packet: ClientMessagePacket | dict | str | bytes) -> ClientMessag
     try:
         if isinstance(packet, ClientMessagePacket):
             return packet.validate()
-        if isinstance(packet, dict):
-            return ClientMessagePacket.from_dict(packet)
-        return ClientMessagePacket.from_json(packet)
+        if isinstance(packet, (str, bytes)):
+            return ClientMessagePacket.from_json(packet)
+        return ClientMessagePacket.from_dict(packet)  # parsed JSON of any shape: the schema says what is wrong
     except PacketError as e:
         raise MalformedPacket(str(e)) from e
 

@@ -35,9 +35,10 @@ HOP_LIMIT = 16
 
 
 def canonical_bytes(body: dict) -> bytes:
-    "The bytes a server signature covers: every field but `signature`, keys sorted, compact, UTF-8."
-    unsigned = {k: v for k, v in body.items() if k != "signature"}
-    return json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    "The bytes a server signature covers: every field but the top-level `signature`, in RFC 8785 (JCS) form."
+    import rfc8785  # the standard's rule, from a library (PROTOCOL.md §15.1), not a hand-rolled sort
+
+    return rfc8785.dumps({k: v for k, v in body.items() if k != "signature"})
 
 
 def sign_body(identity: Identity, body: dict) -> dict:
@@ -47,11 +48,14 @@ def sign_body(identity: Identity, body: dict) -> dict:
 
 def verify_body(key: PublicKey, body: dict) -> bool:
     "Is `body['signature']` the signature by `key` of `body`'s canonical bytes? (The checking side of sign_body.)"
+    import rfc8785
+
     try:
         signature = base64.b64decode(body["signature"], validate=True)
-    except (KeyError, TypeError, ValueError):
-        return False
-    return key.verify(signature, canonical_bytes(body))
+        signed = canonical_bytes(body)
+    except (KeyError, TypeError, ValueError, rfc8785.CanonicalizationError):
+        return False  # no signature, or a body with no canonical form (a number out of range, a lone surrogate)
+    return key.verify(signature, signed)
 
 
 def sign_relay(identity: Identity, packet: dict, packet_id: str, expires_at: datetime, hops: int,
@@ -76,7 +80,7 @@ class MeshConfig:
     retry_base: timedelta = timedelta(milliseconds=500)
     retry_max: timedelta = timedelta(seconds=30)
     sync_interval: timedelta = timedelta(seconds=10)
-    sync_window: timedelta = timedelta(minutes=5)  # how fresh a signed sync request must be
+    sync_window: timedelta = timedelta(minutes=5)  # how fresh a signed sync request or relay must be (sent_at)
     sync_pages: int = 20  # pages per reconciliation round, then the next round
     sync_page_bytes: int = 512 * 1024  # a sync answer holds packets up to this many bytes (at least one)
     sync_reflood_age: timedelta = timedelta(minutes=10)  # a packet learned by sync this young is flooded on
@@ -578,8 +582,8 @@ def on_answer(self: Broadcast, tag: tuple, status: int | None, body: Any) -> lis
     if packet_id not in flying:
         return self.pump(peer)
     flying.discard(packet_id)
-    not_yet = status is None or status >= 500 or (
-        status == 403 and isinstance(body, dict) and body.get("error") == "unknown_server")
+    not_yet = status is None or status >= 500 or (  # the peer has not resolved us yet, or our clocks disagree
+        status == 403 and isinstance(body, dict) and body.get("error") in ("unknown_server", "stale_request"))
     server = self.peers.peer_at(peer)
     db = self.node.db
     if not_yet:
@@ -608,6 +612,10 @@ def relay_in(self: Broadcast, request: Request) -> Reply:
     "POST /relay: check a relay from a peer, store the packet, and flood it on if it is new."
     relay, data, sender = self.peers.signed_request(Relay, request.body)
     node = self.node
+    if abs(node.clock() - parse_timestamp(relay.sent_at)) > self.mesh.sync_window:
+        # Not counted against the sender: a stale relay may be someone's replay of one it signed long ago.
+        raise NodeError(403, "stale_request", f"the relay was signed at {relay.sent_at}, outside the "
+                                              f"{int(self.mesh.sync_window.total_seconds())} s window")
 
     def refuse(status: int, code: str, detail: str):
         node.emit(RelayReceived(sender.server_id, relay.packet_id, "refused"))
@@ -734,6 +742,8 @@ def on_answer(self: AntiEntropy, tag: tuple, status: int | None, body: Any) -> l
     peer = self.peers.peer_at(url)
     if peer is None or status != 200 or not isinstance(body, dict) or not isinstance(body.get("packets"), list):
         return []
+    if self.peers.refusal(peer.server_id) is not None:
+        return []  # blacklisted while the answer was on its way: take nothing from it
     actions = []
     for item in body["packets"]:
         try:

@@ -15,12 +15,13 @@ from importlib import resources
 from typing import Any, Callable, ClassVar
 
 # %% auto #0
-__all__ = ['Clock', 'FORMATS', 'FORMAT_NAMES', 'SCHEMA_BASE', 'MAX_PACKET_BYTES', 'PACKET_TYPES', 'SERVER_MESSAGE_TYPES',
-           'PacketError', 'system_clock', 'format_timestamp', 'parse_timestamp', 'is_base64', 'format_checker',
-           'load_schema', 'inline_common', 'validator_for', 'compile_schema', 'compiled_validator_for', 'describe_rule',
-           'check_compiled', 'validate_dict', 'parse_json', 'Packet', 'ClientMessagePacket', 'InnerMessage',
-           'EncryptedSignature', 'RetrievalPacket', 'MisbehaviorReport', 'QuorumDecision', 'ServerListRequest',
-           'ServerListResponse', 'SignedContent', 'SignedMessage', 'Relay', 'SyncRequest', 'VoteRequest', 'Vote']
+__all__ = ['Clock', 'FORMATS', 'FORMAT_NAMES', 'SCHEMA_BASE', 'MAX_PACKET_BYTES', 'MAX_JSON_DEPTH', 'PACKET_TYPES',
+           'SERVER_MESSAGE_TYPES', 'PacketError', 'system_clock', 'format_timestamp', 'parse_timestamp', 'is_base64',
+           'format_checker', 'load_schema', 'inline_common', 'validator_for', 'compile_schema',
+           'compiled_validator_for', 'describe_rule', 'check_compiled', 'validate_dict', 'json_shape_limits',
+           'parse_json', 'Packet', 'ClientMessagePacket', 'InnerMessage', 'EncryptedSignature', 'RetrievalPacket',
+           'MisbehaviorReport', 'QuorumDecision', 'ServerListRequest', 'ServerListResponse', 'SignedContent',
+           'SignedMessage', 'Relay', 'SyncRequest', 'VoteRequest', 'Vote']
 
 # %% ../notebooks/01_packets.ipynb #bfbc92af
 class PacketError(ValueError):
@@ -126,6 +127,7 @@ FORMAT_NAMES = {
 # %% ../notebooks/01_packets.ipynb #e6529041
 SCHEMA_BASE = "https://purple-bubble.invalid/schemas/"
 MAX_PACKET_BYTES = 128 * 1024  # bigger than the largest legal packet (a 64 KiB box in base64 is ~86 KiB)
+MAX_JSON_DEPTH = 32  # arrays and objects inside each other; the deepest legal message nests 5 (PROTOCOL.md §1)
 
 
 @lru_cache(maxsize=None)
@@ -293,20 +295,47 @@ def _check_encodable(value: Any) -> None:
             _check_encodable(item)
 
 
+def json_shape_limits(max_bytes: int) -> tuple[int, int]:
+    """(objects and arrays, commas and colons) a document of at most `max_bytes` may hold. Counted on the raw
+    bytes before parsing — inside strings too, so an honest document stays far below: its strings are base64."""
+    return max(64, max_bytes // 256), max(512, max_bytes // 16)
+
+
+def _depth(value: Any) -> int:
+    "How many arrays and objects are nested in `value` (0 for a string or number), without recursion."
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def parse_json(name: str, text: str | bytes, max_bytes: int = MAX_PACKET_BYTES) -> Any:
-    "Parse JSON text strictly (size limit, no duplicate keys, no NaN); PacketError on failure."
+    "Parse JSON text strictly (size, shape and depth limits, no duplicate keys, no NaN); PacketError on failure."
     try:
-        size = len(text.encode("utf-8") if isinstance(text, str) else text)
+        raw = text.encode("utf-8") if isinstance(text, str) else text
     except UnicodeEncodeError as e:
         raise PacketError(name, "/", f"not UTF-8 text ({e.reason} at character {e.start})") from None
-    if size > max_bytes:
-        raise PacketError(name, "/", f"packet is {size} bytes; at most {max_bytes} bytes are accepted")
+    if len(raw) > max_bytes:
+        raise PacketError(name, "/", f"packet is {len(raw)} bytes; at most {max_bytes} bytes are accepted")
+    containers, separators = json_shape_limits(max_bytes)
+    if (count := raw.count(b"{") + raw.count(b"[")) > containers:  # bytes.count is C-fast: bounded work first
+        raise PacketError(name, "/", f"invalid JSON: nested too deeply or too many objects and arrays ({count}; a "
+                                     f"document of at most {max_bytes} bytes may hold {containers})")
+    if (count := raw.count(b",") + raw.count(b":")) > separators:
+        raise PacketError(name, "/", f"invalid JSON: too many values ({count} commas and colons; a document of at "
+                                     f"most {max_bytes} bytes may hold {separators})")
     try:
         if isinstance(text, bytes):  # UTF-8 only: json.loads would also guess UTF-16 and UTF-32
             text = text.decode("utf-8")
         data = json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant)
         if "\\u" in text:  # a \uD800-style escape can smuggle in a lone surrogate: not encodable
             _check_encodable(data)
+        if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(data) > MAX_JSON_DEPTH:
+            raise RecursionError  # (counting brackets first keeps the common case free)
         return data
     except UnicodeDecodeError as e:
         raise PacketError(name, "/", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -315,7 +344,7 @@ def parse_json(name: str, text: str | bytes, max_bytes: int = MAX_PACKET_BYTES) 
     except json.JSONDecodeError as e:
         raise PacketError(name, "/", f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:  # e.g. "[[[[…": no packet nests more than a few levels
-        raise PacketError(name, "/", "invalid JSON: nested too deeply") from None
+        raise PacketError(name, "/", f"invalid JSON: nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
     except ValueError as e:
         raise PacketError(name, "/", f"invalid JSON: {e}") from None
 

@@ -10,6 +10,7 @@ import json
 from urllib.parse import urlsplit
 
 from bubble_ref.node import After, Call, Node, Reply, Request
+from bubble_ref.node import body_bytes as reply_bytes
 from bubble_ref.sim import match_route
 
 
@@ -32,7 +33,7 @@ def ask(node: Node, method_path: str, body=None, remote: str = "127.0.0.1", toke
     assert route is not None, f"the node serves no {method_path}"
     reply = node.on_request(Request(route[0], body_bytes(body), route[1], remote, token))
     assert isinstance(reply, Reply)
-    json.dumps(reply.body)  # every answer must be JSON
+    json.loads(reply_bytes(reply.body))  # every answer must be JSON (a JsonText is JSON text already)
     return reply
 
 

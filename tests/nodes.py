@@ -172,12 +172,25 @@ class NodeProcess:
         return response.json()
 
 
-def fetch_all(url: str, proof: dict, *, cursor: str | None = None, session=None) -> tuple[list[dict], str]:
-    "Every message of the proof's key after `cursor`, following `next_cursor` until `more` is false."
+def fetch_all(url: str, who, *, cursor: str | None = None, session=None) -> tuple[list[dict], str]:
+    """Every message of a key after `cursor`, following `next_cursor` until `more` is false.
+
+    `who` is an Identity: each page is asked with a fresh hardened proof bound to the node's server id (a hardened
+    node, the default, accepts each proof once); or a spec proof (a dict), sent again with every page (spec nodes)."""
+    from bubble_ref.crypto import Identity
+    from bubble_ref.envelope import make_retrieval_proof
+
     get = (session or requests).get
+    if isinstance(who, Identity):
+        answer = get(f"{url}/status", timeout=HTTP_TIMEOUT)
+        assert answer.status_code == 200, answer.text
+        server_id = answer.json()["server_id"]
+        proof = lambda: make_retrieval_proof(who, server_id=server_id).to_dict()  # noqa: E731
+    else:
+        proof = lambda: dict(who)  # noqa: E731
     messages: list[dict] = []
     for _ in range(10_000):
-        body = dict(proof) if cursor is None else {**proof, "cursor": cursor}
+        body = proof() if cursor is None else {**proof(), "cursor": cursor}
         response = get(f"{url}/messages", json=body, timeout=HTTP_TIMEOUT)
         assert response.status_code == 200, response.text
         page = response.json()

@@ -96,7 +96,7 @@ def test_tx_and_rx_servers_log_different_client_addresses(tmp_path, pair_of_node
                 time.sleep(0.05)
         bob.close()
         posted = {s.address for s in seen.seen if (s.method, s.path) == ("POST", "/messages")}
-        fetched = {s.address for s in seen.seen if (s.method, s.path) == ("GET", "/messages")}
+        fetched = {s.address for s in seen.seen if (s.method, s.path) == ("POST", "/messages/retrieve")}
         assert posted == {"127.0.0.2"} and fetched == {"127.0.0.3"}
         alice.close()
     finally:

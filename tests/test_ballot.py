@@ -21,7 +21,7 @@ import requests
 from bubble_ref.audit import sign_report
 from bubble_ref.ballot import Decided, open_monitored_node
 from bubble_ref.crypto import Identity
-from bubble_ref.envelope import check_packet, make_retrieval_proof, seal
+from bubble_ref.envelope import check_packet, seal
 from bubble_ref.ledger import MonitorConfig, Observed
 from bubble_ref.mesh import Server, build_topology, sign_body, sign_relay, verify_body, verify_server_list
 from bubble_ref.node import NodeConfig
@@ -259,7 +259,8 @@ def test_reports_must_be_signed_by_their_reporter_and_only_make_the_node_look(wo
     assert_refused(ask(nodes[0], "POST /reports", impostor), 400, "invalid_packet")
     clock.advance(timedelta(minutes=10))
     assert_refused(ask(nodes[0], "POST /reports", report), 403, "stale_report")
-    assert ask(nodes[0], "GET /reputation").body["reports"] == {x.id: 1}
+    assert ask(nodes[0], "GET /reputation", token=nodes[0].operator_token).body["reports"] == {x.id: 1}
+    assert "reports" not in ask(nodes[0], "GET /reputation").body, "who reported whom: for the operator only"
 
 
 def test_client_reports_are_rate_limited_per_key_and_in_all(world):
@@ -314,7 +315,7 @@ def test_reports_are_kept_for_the_evidence_window(world):
     ask(nodes[0], "POST /reports", sign_report(nodes[1].identity, x.id, b"x", clock()))
     clock.advance(MONITOR.evidence_window + timedelta(seconds=1))
     nodes[0].on_timer(("mailbox", "sweep"))
-    assert ask(nodes[0], "GET /reputation").body["reports"] == {}
+    assert ask(nodes[0], "GET /reputation", token=nodes[0].operator_token).body["reports"] == {}
 
 
 def test_decided_is_an_event(world):
@@ -486,7 +487,7 @@ def test_an_honest_node_that_was_down_is_not_blacklisted_but_a_dropper_is(launch
     honest = [procs[n] for n in ("n0", "n1", "n2", "n4")]
     wait_until(lambda: all(ids["n3"] in p.reputation()["blacklisted"] for p in honest),
                "every honest node to blacklist the dropper n3", timeout=BLACKLIST_WAIT)
-    wait_until(lambda: all(set(posted) <= {m["packet_id"] for m in fetch_all(p.url, make_retrieval_proof(bob).to_dict())[0]}
+    wait_until(lambda: all(set(posted) <= {m["packet_id"] for m in fetch_all(p.url, bob)[0]}
                            for p in honest), "every message to reach every honest node", timeout=120)
 
     views = {n: procs[n].reputation() for n in names}

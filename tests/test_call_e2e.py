@@ -77,7 +77,10 @@ def test_an_audio_call_through_a_subprocess_mesh_and_coturn_over_tls(tmp_path, t
     assert_error(requests.get(f"{url}/turn-credentials", timeout=10), 415, "unsupported_media_type")
     assert_error(requests.get(f"{url}/turn-credentials", json={"public_key": "AAAA", "signature": "AAAA"},
                               timeout=10), 400, "invalid_packet")
-    answer = requests.get(f"{url}/turn-credentials", json=make_retrieval_proof(Identity.generate()).to_dict(),
+    caller, server_id = Identity.generate(), requests.get(f"{url}/status", timeout=10).json()["server_id"]
+    assert_error(requests.get(f"{url}/turn-credentials", json=make_retrieval_proof(caller).to_dict(), timeout=10),
+                 401, "bad_proof")  # a spec proof, on a node started without --proof-mode spec
+    answer = requests.get(f"{url}/turn-credentials", json=make_retrieval_proof(caller, server_id=server_id).to_dict(),
                           timeout=10).json()
     assert answer["uris"] == [coturn.uri()] and answer["certificate"] == coturn.certificate.cert_pem.decode()
     assert turn_credentials_valid(coturn.secret, answer["username"], answer["credential"],

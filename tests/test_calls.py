@@ -408,8 +408,8 @@ TURN = calls.TurnConfig(("turns:127.0.0.1:5349?transport=tcp",), b"0123456789abc
                         certificate_pem="-----BEGIN CERTIFICATE-----\n…\n", per_minute=2)
 
 
-def turn_node(data_dir, proof_mode: str = "spec", clock=None):
-    "A relay node (notebook 05a) with the TurnCredentials role composed on it."
+def turn_node(data_dir, proof_mode: str = "hardened", clock=None):
+    "A relay node (notebook 05a) with the TurnCredentials role composed on it (hardened proofs, as by default)."
     import random
 
     from bubble_ref.node import NodeConfig, open_relay_node
@@ -428,7 +428,7 @@ def turn_app(tmp_path):
 
     made = []
 
-    def make(proof_mode: str = "spec"):
+    def make(proof_mode: str = "hardened"):
         node = turn_node(tmp_path / proof_mode, proof_mode)
         made.append(node)
         return node, create_app(node, node.on_request).test_client()
@@ -446,7 +446,8 @@ def error_of(response, status: int, code: str) -> str:
 
 def test_turn_credentials_for_a_proven_key_and_clear_refusals(turn_app, alice):
     node, client = turn_app()
-    proof = make_retrieval_proof(alice).to_dict()
+    fresh = lambda: make_retrieval_proof(alice, server_id=node.id).to_dict()  # a hardened proof counts once
+    proof = fresh()
     response = client.get("/turn-credentials", json=proof)
     assert response.status_code == 200
     answer = response.get_json()
@@ -455,10 +456,10 @@ def test_turn_credentials_for_a_proven_key_and_clear_refusals(turn_app, alice):
     assert answer["certificate"].startswith("-----BEGIN CERTIFICATE-----")
     assert calls.turn_credentials_valid(b"0123456789abcdef0123", answer["username"], answer["credential"],
                                         now=datetime.now(timezone.utc))
-    assert client.get("/turn-credentials", json=proof).get_json()["username"] != answer["username"]  # unlinkable
+    assert client.get("/turn-credentials", json=fresh()).get_json()["username"] != answer["username"]  # unlinkable
 
-    error_of(client.get("/turn-credentials", json=proof), 429, "rate_limited")  # the third in a minute
-    wrong = proof | {"signature": make_retrieval_proof(alice).signature[:-8] + "AAAAAAA="}
+    error_of(client.get("/turn-credentials", json=fresh()), 429, "rate_limited")  # the third in a minute
+    wrong = proof | {"signature": fresh()["signature"][:-8] + "AAAAAAA="}
     error_of(client.get("/turn-credentials", json=wrong), 401, "bad_proof")
     error_of(client.get("/turn-credentials", json={"public_key": "x"}), 400, "invalid_packet")
     error_of(client.get("/turn-credentials", data="{not json", content_type="application/json"), 400,
@@ -468,7 +469,7 @@ def test_turn_credentials_for_a_proven_key_and_clear_refusals(turn_app, alice):
     error_of(client.post("/turn-credentials", json=proof), 405, "method_not_allowed")
 
 
-def test_turn_credentials_in_hardened_mode(turn_app, alice):
+def test_turn_credentials_in_hardened_mode_and_in_spec_mode_on_request(turn_app, alice):
     from bubble_ref.envelope import make_retrieval_proof as prove
 
     node, client = turn_app("hardened")
@@ -478,6 +479,9 @@ def test_turn_credentials_in_hardened_mode(turn_app, alice):
     error_of(client.get("/turn-credentials", json=bound), 401, "proof_replayed")
     elsewhere = prove(alice, server_id="0" * 64).to_dict()
     error_of(client.get("/turn-credentials", json=elsewhere), 401, "bad_proof")
+    _, spec = turn_app("spec")  # the seed's phrase, replayable, only where the operator asked for it
+    seed = prove(alice).to_dict()
+    assert [spec.get("/turn-credentials", json=seed).status_code for _ in range(2)] == [200, 200]
 
 
 
@@ -488,8 +492,8 @@ def test_the_role_is_sans_io_and_its_limit_runs_on_the_nodes_clock(tmp_path, ali
     clock = ManualClock(datetime.now(timezone.utc))
     node = turn_node(tmp_path / "node", clock=clock)
     try:
-        body = json.dumps(make_retrieval_proof(alice).to_dict()).encode()
-        ask = lambda: node.on_request(Request("GET /turn-credentials", body))
+        body = lambda: json.dumps(make_retrieval_proof(alice, server_id=node.id, clock=clock).to_dict()).encode()
+        ask = lambda: node.on_request(Request("GET /turn-credentials", body()))
         assert [ask().status for _ in range(3)] == [200, 200, 429]
         assert ask().body["error"] == "rate_limited"
         clock.advance(timedelta(seconds=61))

@@ -66,7 +66,7 @@ def wait_outboxes_empty(*procs: NodeProcess) -> None:
 
 def mailbox_ids(proc: NodeProcess, who: Identity) -> list[str]:
     "The packet ids of every message in `who`'s mailbox on the node, in order, duplicates kept."
-    messages, _ = fetch_all(proc.url, make_retrieval_proof(who).to_dict())
+    messages, _ = fetch_all(proc.url, who)  # a fresh hardened proof for each page
     return [m["packet_id"] for m in messages]
 
 
@@ -130,7 +130,7 @@ def test_five_node_line_delivers_end_to_end_once_everywhere(line5, alice, bob):
     assert traces["A"]["from"] is None  # A is the origin: Alice posted there
     assert [traces[n]["from"] for n in "BCDE"] == [ids[n] for n in "ABCD"], traces  # each from its left neighbour
 
-    messages, _ = fetch_all(line5["E"].url, make_retrieval_proof(bob).to_dict())
+    messages, _ = fetch_all(line5["E"].url, bob)
     mine = [m for m in messages if m["packet_id"] == expected_id]
     assert len(mine) == 1
     assert mine[0]["packet"] == packet
@@ -332,7 +332,8 @@ def pair(tmp_path):
 
 
 def retrieve_ids(node, who: Identity) -> list[str]:
-    reply = ask(node, "GET /messages", make_retrieval_proof(who).to_dict())
+    "`who`'s mailbox at `node`, asked with a fresh hardened proof (bound to the node, at the node's time)."
+    reply = ask(node, "GET /messages", make_retrieval_proof(who, server_id=node.id, clock=node.clock).to_dict())
     assert reply.status == 200, reply
     return [m["packet_id"] for m in reply.body["messages"]]
 
@@ -389,7 +390,7 @@ def test_relay_already_expired_is_not_stored(pair, alice, bob):
     a, b, clock_a, clock_b = pair
     for expires_at in (START - timedelta(minutes=1), START):  # in the past, and exactly now
         packet, pid = fresh_packet(alice, bob, f"expired at {expires_at}")
-        body = sign_relay(a.identity, packet, pid, expires_at, 1, START - DAY)
+        body = sign_relay(a.identity, packet, pid, expires_at, 1, START)  # signed now: a relay signed long ago is refused as stale (§15)
         answer = ask(b, "POST /relay", body)
         assert answer.status == 202 and answer.body["stored"] is False and answer.body["packet_id"] == pid
         assert answer.actions == ()

@@ -1,7 +1,8 @@
 """The relay node as operators run it: `bubble-ref node` subprocesses on 127.0.0.1, spoken to over HTTP only.
 
-Two nodes are shared by the module (one in spec proof mode, one hardened); the restart and crash tests start
-their own, because they stop or kill them.
+Two nodes are shared by the module: one as started with no flag (hardened proofs, the default), one started with
+`--proof-mode spec` for the seed's replayable proofs (the bad-input battery speaks the seed); the restart and crash
+tests start their own, because they stop or kill them.
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ def spec_node(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hardened_node(tmp_path_factory):
-    node = NodeProcess(tmp_path_factory.mktemp("hardened-node") / "data", "shared hardened node",
-                       "--proof-mode", "hardened")
+    "A node started with no --proof-mode: hardened proofs are the default."
+    node = NodeProcess(tmp_path_factory.mktemp("hardened-node") / "data", "shared hardened node")
     with node.start():
+        assert node.announce.endswith("proof mode hardened)"), node.announce
         yield node
 
 
@@ -73,9 +75,9 @@ def b64(data: bytes) -> str:
 
 # ------------------------------------------------------------------ 1. round trip
 
-def test_round_trip_alice_to_bob(spec_node, alice, bob):
-    url = spec_node.url
-    _, start = fetch_all(url, make_retrieval_proof(bob).to_dict())  # Bob's mailbox as it is now
+def test_round_trip_alice_to_bob(hardened_node, hardened_server_id, alice, bob):
+    url = hardened_node.url
+    _, start = fetch_all(url, bob)  # Bob's mailbox as it is now (a fresh hardened proof per page)
     text = "Hi Bob, it's Alice. Lunch at noon? ✓"
     packet = seal(alice, bob.public.b64, text)
 
@@ -87,8 +89,8 @@ def test_round_trip_alice_to_bob(spec_node, alice, bob):
     assert first["packet_id"] == packet_id(packet), "the node computes the id the protocol defines"
     assert first["stored"] is True
 
-    got = requests.get(f"{url}/messages", json={**make_retrieval_proof(bob).to_dict(), "cursor": start},
-                       timeout=HTTP_TIMEOUT)
+    proof = make_retrieval_proof(bob, server_id=hardened_server_id).to_dict()
+    got = requests.get(f"{url}/messages", json={**proof, "cursor": start}, timeout=HTTP_TIMEOUT)
     assert got.status_code == 200, got.text
     page = got.json()
     assert [m["packet_id"] for m in page["messages"]] == [first["packet_id"]]
@@ -101,8 +103,10 @@ def test_round_trip_alice_to_bob(spec_node, alice, bob):
     assert again.status_code == 202, again.text
     assert again.json()["stored"] is False
     assert again.json()["packet_id"] == first["packet_id"]
-    messages, _ = fetch_all(url, make_retrieval_proof(bob).to_dict(), cursor=start)
+    messages, _ = fetch_all(url, bob, cursor=start)
     assert [m["packet_id"] for m in messages] == [first["packet_id"]], "a packet posted twice is kept once"
+    assert_error(requests.get(f"{url}/messages", json={**proof, "cursor": start}, timeout=HTTP_TIMEOUT),
+                 401, "proof_replayed")  # the proof of the first read is spent
 
 
 def test_mallory_cannot_read_bobs_mailbox(spec_node, alice, bob, mallory):
@@ -290,11 +294,11 @@ def test_hardened_node_refuses_an_old_proof(hardened_node, hardened_server_id, b
 
 # ------------------------------------------------------------------ 3. multi-device
 
-def test_two_devices_keep_their_own_cursors(spec_node, alice):
+def test_two_devices_keep_their_own_cursors(hardened_node, alice):
+    "Two devices of one key read one mailbox, each from its own cursor (each request with a fresh proof)."
     owner = Identity.generate()  # a fresh mailbox, so "from scratch" means exactly these messages
-    url = spec_node.url
-    device_a, device_b = make_retrieval_proof(owner).to_dict(), make_retrieval_proof(owner).to_dict()
-    assert device_a["signature"] != device_b["signature"], "two devices, two proofs (PSS is randomised)"
+    url = hardened_node.url
+    device_a = device_b = owner  # fetch_all makes a new hardened proof for every page of either device
 
     def post(text: str) -> str:
         answer = requests.post(f"{url}/messages", json=seal(alice, owner.public.b64, text).to_dict(),
@@ -331,7 +335,8 @@ def test_restart_keeps_identity_and_messages_and_logs_requests(tmp_path, alice, 
         before = first.status()
         assert first.announce.startswith("bubble-ref node 'restart node' serving on http://127.0.0.1:")
         assert f"server id {before['server_id'][:16]}…" in first.announce
-        assert "proof mode spec" in first.announce
+        assert "proof mode hardened" in first.announce, "hardened proofs unless --proof-mode spec is given"
+        assert "stored_messages" not in first.status(operator=False) and before["stored_messages"] == 0
         packet = seal(alice, bob.public.b64, "still here after a restart")
         answer = requests.post(f"{first.url}/messages", json=packet.to_dict(), timeout=HTTP_TIMEOUT)
         assert answer.status_code == 202, answer.text
@@ -345,13 +350,16 @@ def test_restart_keeps_identity_and_messages_and_logs_requests(tmp_path, alice, 
     assert re.search(r"bubble_ref\.relay: 127\.0\.0\.1 GET /status 200 \d+ bytes", log), log
     assert "Traceback" not in log
     assert (data / "server_key.pem").stat().st_mode & 0o777 == 0o600
+    assert (data / "operator_token").stat().st_mode & 0o777 == 0o600
+    token = (data / "operator_token").read_text()
 
     with NodeProcess(data, "restart node").start() as second:
         after = second.status()
         assert after["server_id"] == before["server_id"]
         assert after["public_key"] == before["public_key"]
-        assert after["stored_messages"] == 1
-        messages, _ = fetch_all(second.url, make_retrieval_proof(bob).to_dict())
+        assert after["stored_messages"] == 1  # the operator's view (NodeProcess.status asks with the token)
+        assert (data / "operator_token").read_text() == token, "the token is kept, like the key"
+        messages, _ = fetch_all(second.url, bob)
         assert [m["packet_id"] for m in messages] == [answer.json()["packet_id"]]
         assert open_message(bob, messages[0]["packet"]).content == "still here after a restart"
     assert second.proc.returncode == 0
@@ -410,7 +418,7 @@ def test_every_acknowledged_message_survives_sigkill(tmp_path, alice, bob):
                                           "SIGTERM"], "a killed node prints nothing more"
 
     with NodeProcess(data, "crash node").start() as restarted:
-        messages, _ = fetch_all(restarted.url, make_retrieval_proof(bob).to_dict())
+        messages, _ = fetch_all(restarted.url, bob)
         stored = [m["packet_id"] for m in messages]
         assert restarted.status()["stored_messages"] == len(stored)
     assert len(stored) == len(set(stored)), "no duplicates"

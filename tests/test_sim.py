@@ -47,7 +47,8 @@ def test_a_packet_crosses_a_line_of_real_nodes(tmp_path, alice, bob):
         assert posted.status == 202 and len(posted.actions) == 1
         start = net.now
         net.run(seconds=1)
-        page = net.request("E", "GET", "/messages", make_retrieval_proof(bob).to_dict()).body
+        proof = make_retrieval_proof(bob, server_id=net.hosts["E"].node.id, clock=net.clock)  # hardened, the default
+        page = net.request("E", "GET", "/messages", proof.to_dict()).body
         assert open_message(bob, page["messages"][0]["packet"]).content == "far end"
         pid = posted.body["packet_id"]
         assert [net.hosts[n].node.roles["broadcast"].lookup(pid)["hops"] for n in NAMES] == [0, 1, 2, 3, 4]

@@ -1,7 +1,13 @@
-"""Fixtures for the browser tests: one JupyterLab and one Chromium for the whole session (they take seconds to
-start), each test working in its own folder under the lab's root. See labharness.py."""
+"""Fixtures for the browser tests: one JupyterLab and one Chromium for the browser tests (they take seconds to
+start), each test working in its own folder under the lab's root. See labharness.py.
+
+Both are package-scoped, not session-scoped: Playwright's sync API keeps its asyncio loop marked as *running* in
+the main thread for as long as `sync_playwright()` is open, so a session-wide Chromium made every later
+`asyncio.run()` in the same pytest run (the calls and STUN tests) fail with "cannot be called from a running event
+loop". Closing it when the browser tests are done gives the thread back its state."""
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import pytest
@@ -9,7 +15,7 @@ import pytest
 from .labharness import CHROMIUM, CHROMIUM_ARGS, JupyterLabServer, Lab, require_browser_tools
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def lab_server(tmp_path_factory):
     "A running JupyterLab; on teardown it is stopped, and nothing it started may outlive it."
     require_browser_tools()
@@ -22,9 +28,9 @@ def lab_server(tmp_path_factory):
     assert not leftovers, f"JupyterLab or its kernels left files in their TMPDIR: {leftovers}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def lab(lab_server):
-    "A Chromium page showing the running JupyterLab."
+    "A Chromium page showing the running JupyterLab; closed after the last browser test."
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -34,6 +40,11 @@ def lab(lab_server):
             yield Lab(page, lab_server).load()
         finally:
             browser.close()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    assert loop is None, f"Playwright left an event loop running in the main thread: {loop!r}"
 
 
 @pytest.fixture
