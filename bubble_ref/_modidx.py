@@ -501,6 +501,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'bubble_ref.cli._add_sim_parser': ('cli.html#_add_sim_parser', 'bubble_ref/cli.py'),
                                 'bubble_ref.cli._add_stun_parser': ('cli.html#_add_stun_parser', 'bubble_ref/cli.py'),
                                 'bubble_ref.cli._add_turn_options': ('cli.html#_add_turn_options', 'bubble_ref/cli.py'),
+                                'bubble_ref.cli._add_workshop_check_parser': ('cli.html#_add_workshop_check_parser', 'bubble_ref/cli.py'),
                                 'bubble_ref.cli._demo_steps': ('cli.html#_demo_steps', 'bubble_ref/cli.py'),
                                 'bubble_ref.cli._log_tail': ('cli.html#_log_tail', 'bubble_ref/cli.py'),
                                 'bubble_ref.cli._probe': ('cli.html#_probe', 'bubble_ref/cli.py'),

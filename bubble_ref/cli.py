@@ -592,8 +592,14 @@ def _add_classroom_parsers(commands) -> None:
     join.add_argument("--behaviour", choices=["honest", "drop", "selective"], default="honest",
                       help="misbehave on purpose, for the teacher's demo (default: honest)")
     _add_room_node_options(join, audit_interval=20.0)
-    workshop = commands.add_parser("workshop", help="the workshop's challenges (notebook 12b)")
-    tools = workshop.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    # The `workshop` command. Branch `student` makes it too (`_add_workshop_parser`, `workshop student-notebooks`):
+    # when both are in, keep one `workshop` parser and call `_add_workshop_check_parser(tools)` from it.
+    workshop = commands.add_parser("workshop", help="for a workshop: the challenges' checkers (notebook 12b)")
+    _add_workshop_check_parser(workshop.add_subparsers(dest="workshop_tool", required=True, metavar="TOOL"))
+
+
+def _add_workshop_check_parser(tools) -> None:
+    "`bubble-ref workshop check CHALLENGE` (notebook 12b)."
     check = tools.add_parser("check", help="run a challenge's checker; prints the figures and pass/fail",
                              description="Run the checker of CHALLENGE on a solution file (which defines the "
                                          "challenge's entry: make_strategy, judge, link or plan), or on the "
@@ -616,7 +622,7 @@ def run_classroom_commands(args: argparse.Namespace) -> int:
     if args.command == "join":
         from bubble_ref.classroom import run_join_command
         return run_join_command(args)
-    from bubble_ref.challenges import run_check_command
+    from bubble_ref.challenges import run_check_command  # args.workshop_tool == "check"
     return run_check_command(args)
 # ---- classroom (end) ----
 
@@ -687,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench" and args.target == "calls":  # notebook 11b: aiortc and coturn
         from bubble_ref.calls import run_calls_bench
         return run_calls_bench(args)
-    if args.command in ("classroom", "join", "workshop"):  # notebooks 12 and 12b
+    if args.command in ("classroom", "join") or (args.command == "workshop" and args.workshop_tool == "check"):
+        # notebooks 12 and 12b
         return run_classroom_commands(args)
     if args.command == "bench":
         try:
