@@ -459,6 +459,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'bubble_ref.classroom._fast_keys': ('classroom.html#_fast_keys', 'bubble_ref/classroom.py'),
                                       'bubble_ref.classroom._host': ('classroom.html#_host', 'bubble_ref/classroom.py'),
                                       'bubble_ref.classroom._join': ('classroom.html#_join', 'bubble_ref/classroom.py'),
+                                      'bubble_ref.classroom._literal': ('classroom.html#_literal', 'bubble_ref/classroom.py'),
+                                      'bubble_ref.classroom._loopback': ('classroom.html#_loopback', 'bubble_ref/classroom.py'),
                                       'bubble_ref.classroom._node_options': ('classroom.html#_node_options', 'bubble_ref/classroom.py'),
                                       'bubble_ref.classroom.add_student': ('classroom.html#add_student', 'bubble_ref/classroom.py'),
                                       'bubble_ref.classroom.check_teacher': ('classroom.html#check_teacher', 'bubble_ref/classroom.py'),

@@ -205,7 +205,7 @@ def hello(self: Classroom, request: Request) -> Reply:
     self._hellos.allow(client_id)
     self._all_hellos.allow("*")
     url = data["node_url"].rstrip("/")
-    if (why := self.url_problem(url)) is not None:
+    if (why := self.url_problem(url, request.remote)) is not None:
         raise NodeError(400, "bad_url", why)
     known = self.student(client_id)
     if known is not None and to_millis(sent_at) <= known["sent_at"]:
@@ -216,8 +216,8 @@ def hello(self: Classroom, request: Request) -> Reply:
 
 
 @patch
-def url_problem(self: Classroom, url: str) -> str | None:
-    "Why a student's node URL is not acceptable in this room, or None."
+def url_problem(self: Classroom, url: str, remote: str = "") -> str | None:
+    "Why a student's node URL (in a hello from address `remote`) is not acceptable in this room, or None."
     mine = address_class(self.node.url or "")
     if url == self.node.url:
         return "that is the teacher's own URL"
@@ -225,6 +225,9 @@ def url_problem(self: Classroom, url: str) -> str | None:
         return (f"{url} is not reachable in this room: the teacher's node is at {self.node.url} ({mine} "
                 f"addresses), so a student's node must be too; start `bubble-ref join` with --host set to "
                 f"this laptop's address on the room's network")
+    if remote and not _loopback(remote) and _host(url) != remote:
+        return (f"this hello came from {remote} but names a node at {_host(url)}: a student's node says hello from "
+                f"its own address (one machine, one voice); start `bubble-ref join` with --host {remote}")
     return None
 
 
@@ -262,6 +265,15 @@ def _host(url: str) -> str:
         return urlsplit(url).hostname or ""
     except ValueError:
         return ""
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 # %% ../notebooks/12_classroom.ipynb #12367e91
 @patch
@@ -791,7 +803,7 @@ PROJECTOR_HTML = """<!doctype html>
 <svg id="mesh" viewBox="-1.45 -1.3 2.9 2.6" role="img" aria-label="the room's mesh"></svg>
 <section>
 <h2>messages held per node</h2>
-<table id="messages"><thead><tr><th>node</th><th>held</th><th>relayed</th><th>blacklisted by</th></tr></thead><tbody></tbody></table>
+<table id="messages"><thead><tr><th>node</th><th>held</th><th>relayed</th><th>blacklisted by</th><th>reputation</th></tr></thead><tbody></tbody></table>
 <h2>challenges</h2>
 <table id="scoreboard"><thead><tr><th>student</th><th>challenge</th><th>result</th><th>figures</th></tr></thead><tbody></tbody></table>
 </section>
@@ -868,7 +880,8 @@ function draw(data) {
   document.getElementById("summary").textContent = data.room.students + " students, " + data.room.here + " here" +
     (flood ? " · demo packet reached " + flood.reached + " of " + flood.of + " nodes" : "");
   const prefix = data.room.operator ? "" : "≥ ";
-  rows("#messages", data.nodes.map(n => [n.name, prefix + n.stored, prefix + n.relayed, n.blacklisted_by]));
+  rows("#messages", data.nodes.map(n => [n.name, prefix + n.stored, prefix + n.relayed, n.blacklisted_by,
+    n.score === undefined ? "–" : n.score.toFixed(2)]));  // scores: the teacher's view only
   rows("#scoreboard", data.scoreboard.map(r => [r.name, r.challenge,
     el("td", {class: r.passed ? "pass" : "fail"}, r.passed ? "passed" : "not yet"),
     Object.entries(r.figures).map(([k, v]) => k + " " + v).join(", ")]));
@@ -927,6 +940,11 @@ class ProjectorPages:
 STATUS_COLOURS = {"here": "#7e57c2", "joining": "#b39ddb", "away": "#bdbdbd", "unreachable": "#ffb74d"}
 
 
+def _literal(text: str) -> str:
+    "Text matplotlib draws as it is: a student called `$\\frac{$` is a name, not a formula (which fails to draw)."
+    return str(text).replace("$", r"\$")
+
+
 def draw_room(data: dict, figsize=(10, 4.6)):
     "The room as a matplotlib figure: the mesh (and the last flood) on the left, messages held per node on the right."
     from matplotlib.figure import Figure
@@ -945,17 +963,18 @@ def draw_room(data: dict, figsize=(10, 4.6)):
         colour = "#e53935" if n["blacklisted"] else "#37474f" if n["role"] == "teacher" else STATUS_COLOURS[n["status"]]
         mesh.scatter([n["x"]], [n["y"]], s=700 if n["role"] == "teacher" else 450, color=colour, zorder=2,
                      edgecolors="white")
-        mesh.text(n["x"], n["y"] - (0.24 if n["role"] == "teacher" else 0.17), n["name"], ha="center", va="top",
+        label = _literal(n["name"]) + (f" ({n['score']:.2f})" if "score" in n else "")  # scores: the teacher's view
+        mesh.text(n["x"], n["y"] - (0.24 if n["role"] == "teacher" else 0.17), label, ha="center", va="top",
                   fontsize=9)
     mesh.set_xlim(-1.4, 1.4)
     mesh.set_ylim(-1.35, 1.25)
     mesh.set_aspect("equal")
     mesh.axis("off")
     reached = f" · demo packet reached {flood['reached']} of {flood['of']}" if data.get("flood") else ""
-    mesh.set_title(f"{data['room']['name']}: {data['room']['students']} students, {data['room']['here']} here{reached}",
+    mesh.set_title(f"{_literal(data['room']['name'])}: {data['room']['students']} students, {data['room']['here']} here{reached}",
                    fontsize=10)
-    names = [n["name"] for n in data["nodes"]]
-    bars.barh(names, [n["stored"] for n in data["nodes"]], color="#7e57c2")
+    names = [_literal(n["name"]) for n in data["nodes"]]
+    bars.barh(range(len(names)), [n["stored"] for n in data["nodes"]], tick_label=names, color="#7e57c2")
     bars.invert_yaxis()
     bars.set_xlabel("messages held" + ("" if data["room"]["operator"] else " (rounded down to tens)"))
     fig.tight_layout()

@@ -28,11 +28,11 @@ RULES = {"broadcast": lambda figures: figures.get("complete", 0) == figures.get(
 class World:
     "A teacher's node on a ManualClock, and student keys from the simulator's pool."
 
-    def __init__(self, root, **room):
+    def __init__(self, root, url: str = TEACHER_URL, **room):
         self.clock = ManualClock()
         keys = iter(pool_keys())
         self.keys = keys
-        self.node = open_teacher_node(root / "teacher", url=TEACHER_URL, clock=self.clock, rng=random.Random(0),
+        self.node = open_teacher_node(root / "teacher", url=url, clock=self.clock, rng=random.Random(0),
                                       room=ClassroomConfig(**room), challenges=RULES,
                                       monitor=MonitorConfig(audit_interval=None), new_identity=lambda: next(keys))
         self.classroom = self.node.roles["classroom"]
@@ -142,6 +142,21 @@ def test_one_machine_one_voice_a_full_room_and_a_flood_of_hellos_are_refused(tmp
         refused(world.hello(a1), 429, "rate_limited")
         world.clock.advance(timedelta(minutes=1))
         assert world.hello(a1).status == 200
+    finally:
+        world.node.close()
+
+
+def test_on_a_network_a_hello_comes_from_the_address_of_its_node(tmp_path):
+    "One laptop cannot claim the addresses of machines that are not there (to get more votes, or aim the room)."
+    world = World(tmp_path, url="http://192.168.1.10:8000", per_address=2)
+    try:
+        at = lambda name, url: {**world.student(name, 3), "url": url}
+        assert world.hello(at("Ada", "http://192.168.1.20:8001"), remote="192.168.1.20").status == 200
+        detail = refused(world.hello(at("Sybil", "http://192.168.1.31:8001"), remote="192.168.1.20"), 400, "bad_url")
+        assert "came from 192.168.1.20" in detail and "--host 192.168.1.20" in detail
+        assert world.hello(at("Bob", "http://192.168.1.20:8002"), remote="192.168.1.20").status == 200
+        refused(world.hello(at("Eve", "http://192.168.1.20:8003"), remote="192.168.1.20"), 403, "too_many_from_address")
+        assert world.room(operator=True)["room"]["students"] == 2
     finally:
         world.node.close()
 
@@ -289,3 +304,20 @@ def test_the_projector_pages_are_static_with_a_strict_policy_and_everything_else
     assert call("/classroom/projector", "HEAD")[1] == b""
     call("/classroom")
     assert seen == ["/classroom"]
+
+
+def test_a_students_name_is_drawn_as_text_never_as_a_formula(world):
+    "Names are the students' own: `$\\frac{$` once made matplotlib's mathtext fail, and the teacher's dashboard with it."
+    from bubble_ref.classroom import draw_room, figure_png
+
+    for i, name in enumerate(["$\\frac{$", "$x$", "a$b", "\\$"]):
+        assert world.hello(world.student(name, 3 + i)).status == 200
+    world.node.roles["classroom"]._public = None
+    for operator in (False, True):
+        data = world.room(operator=operator)
+        figure = draw_room(data)
+        assert figure_png(figure)[:4] == b"\x89PNG"
+        drawn = {t.get_text() for ax in figure.axes for t in ax.texts}
+        assert "\\$\\frac{\\$" in {t.split(" (")[0] for t in drawn}  # the dollar signs escaped: shown as typed
+        ticks = [t.get_text() for t in figure.axes[1].get_yticklabels()]
+        assert sorted(ticks[1:]) == sorted(["\\$\\frac{\\$", "\\$x\\$", "a\\$b", "\\\\$"])

@@ -4,6 +4,7 @@ the node (its Content-Security-Policy allows nothing else: a violation would sho
 """
 from __future__ import annotations
 
+import re
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -56,6 +57,9 @@ def test_the_projector_page_draws_the_rooms_nodes_in_chromium(lab, tmp_path):
         expect(page.locator("#room")).to_have_text("projector test")
         expect(page.locator("#messages tbody tr")).to_have_count(4)
         expect(page.locator("#status")).to_contain_text("public view")
+        ada = page.locator("#messages tbody tr", has_text="Ada").locator("td")
+        expect(ada.nth(1)).to_have_text(re.compile(r"^≥ \d*0$"))  # the public sees counts in tens, no more
+        expect(ada.nth(4)).to_have_text("–")  # and no reputation scores: those are the teacher's
         assert page.locator("#mesh line.link").count() >= 3  # every student links to the teacher's node
 
         token = room.token
@@ -67,6 +71,9 @@ def test_the_projector_page_draws_the_rooms_nodes_in_chromium(lab, tmp_path):
         expect(page.locator("#summary")).to_contain_text("demo packet reached 4 of 4", timeout=WAIT_MS)
         expect(page.locator("#mesh line.link.flood")).to_have_count(3, timeout=WAIT_MS)  # a tree over 4 nodes
         expect(page.locator("#mesh g.node.lit")).to_have_count(4, timeout=WAIT_MS)
+        ada = page.locator("#messages tbody tr", has_text="Ada").locator("td")
+        expect(ada.nth(4)).to_have_text(re.compile(r"^[01]\.\d\d$"))  # the teacher's view has her score
+        expect(ada.nth(1)).to_have_text(re.compile(r"^\d+$"))  # and exact counts
         assert not errors, f"the page logged errors (a Content-Security-Policy violation would be one): {errors}"
     finally:
         context.close()
