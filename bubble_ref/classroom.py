@@ -332,7 +332,8 @@ def welcome(self: Classroom, client_id: str) -> dict:
     return {"room": self.config.room, "name": me["name"],
             "neighbours": [{"name": "teacher", "url": self.node.url, "server_id": self.node.id}] +
                           [{"name": r["name"], "url": r["node_url"], "server_id": r["server_id"]} for r in rows if r],
-            "demo_key": self.demo_key.public.b64, "hello_every": self.config.hello_interval.total_seconds()}
+            "demo_key": self.demo_key.public.b64, "demo_packets": [packet_id for packet_id, _ in self.demos],
+            "hello_every": self.config.hello_interval.total_seconds()}
 
 # %% ../notebooks/12_classroom.ipynb #136adc2e
 MEMBER_SCHEMA = """
@@ -353,7 +354,8 @@ class ClassroomMember:
         self.problem: str | None = None  # why the last hello failed, in words (None: it did not)
         self.neighbour_names: dict[str, str] = {}  # url -> classmate's name
         self.demo_id: str | None = None
-        self.demo_seen: deque[dict] = deque(maxlen=8)
+        self.demo_seen: dict[str, dict] = {}  # packet id -> its arrival, for the newest 256 packets to the demo key
+        self.demo_wanted: tuple[str, ...] = ()  # the teacher's own demo packets (its answers name them)
         self._last_hello: datetime | None = None
         node.db.executescript(MEMBER_SCHEMA)
         for (url,) in node.db.execute("SELECT url FROM room_neighbours ORDER BY url"):
@@ -365,8 +367,10 @@ class ClassroomMember:
 
     def spot_demo(self, event: PacketStored) -> list:
         if event.created and self.demo_id is not None and event.row.recipient_id == self.demo_id:
-            self.demo_seen.append({"packet_id": event.row.packet_id, "from": event.came_from or "",
-                                   "hops": min(event.hops, 64), "at_ms": to_millis(event.row.received_at)})
+            self.demo_seen[event.row.packet_id] = {"packet_id": event.row.packet_id, "from": event.came_from or "",
+                                                   "hops": min(event.hops, 64), "at_ms": to_millis(event.row.received_at)}
+            while len(self.demo_seen) > 256:
+                del self.demo_seen[next(iter(self.demo_seen))]  # the oldest first (dicts keep insertion order)
         return []
 
 # %% ../notebooks/12_classroom.ipynb #401c577d
@@ -380,7 +384,8 @@ def stats(self: ClassroomMember) -> dict:
                                      "('delivered', 'accepted') GROUP BY direction")))
     ballot = self.node.roles.get("ballot")
     return {"stored": self.node.mailbox.count(), "relayed": moved["out"], "received": moved["in"],
-            "blacklisted": sorted(ballot.blacklisted)[:64] if ballot else [], "demo": list(self.demo_seen)}
+            "blacklisted": sorted(ballot.blacklisted)[:64] if ballot else [],
+            "demo": [self.demo_seen[p] for p in self.demo_wanted if p in self.demo_seen]}
 
 
 @patch
@@ -427,6 +432,9 @@ def on_answer(self: ClassroomMember, tag: tuple, status: int | None, body: Any) 
         self.demo_id = load_public_key(body.get("demo_key", "")).id
     except CryptoError:
         self.demo_id = None
+    wanted = body.get("demo_packets")
+    self.demo_wanted = tuple(p for p in (wanted if isinstance(wanted, list) else [])[:3]
+                             if isinstance(p, str) and len(p) == 64)
     return actions + self.link(body.get("neighbours"))
 
 

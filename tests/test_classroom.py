@@ -321,3 +321,40 @@ def test_a_students_name_is_drawn_as_text_never_as_a_formula(world):
         assert "\\$\\frac{\\$" in {t.split(" (")[0] for t in drawn}  # the dollar signs escaped: shown as typed
         ticks = [t.get_text() for t in figure.axes[1].get_yticklabels()]
         assert sorted(ticks[1:]) == sorted(["\\$\\frac{\\$", "\\$x\\$", "a\\$b", "\\\\$"])
+
+
+def test_a_member_reports_only_the_teachers_demo_packets_however_many_others_come(tmp_path):
+    "The demo key is public: a prankster's stream of packets to it must not hide the teacher's demo from the room."
+    from types import SimpleNamespace
+
+    clock, keys = ManualClock(), iter(pool_keys()[40:])
+    teacher_key, demo = next(keys), next(keys)
+    node = open_student_node(tmp_path / "ada", url="http://127.0.0.3:8000", teacher_url=TEACHER_URL, student="Ada",
+                             client=next(keys), clock=clock, rng=random.Random(0),
+                             teacher_status={"server_id": teacher_key.id, "public_key": teacher_key.public.b64},
+                             monitor=MonitorConfig(audit_interval=None), new_identity=lambda: next(keys))
+    try:
+        member: ClassroomMember = node.roles["member"]
+        answer = lambda wanted: {"room": "r", "name": "Ada", "demo_key": demo.public.b64, "hello_every": 5.0,
+                                 "neighbours": [], "demo_packets": wanted}
+        member.on_answer(("member", "hello"), 200, answer([]))
+
+        def arrive(packet_id: str, hops: int) -> None:  # what PacketStored carries that the member reads
+            member.spot_demo(SimpleNamespace(created=True, came_from="", hops=hops, row=SimpleNamespace(
+                recipient_id=demo.id, packet_id=packet_id, received_at=clock())))
+        ours = "a" * 64
+        arrive(ours, 2)
+        for i in range(300):  # the prankster's stream, after the teacher's packet
+            arrive(f"{i:064x}", 0)
+        assert member.stats()["demo"] == []  # nothing named yet: nothing reported
+        member.on_answer(("member", "hello"), 200, answer([ours, "junk", 7]))
+        assert member.demo_wanted == (ours,)
+        assert member.stats()["demo"] == []  # 300 others came after ours: the newest 256 are kept, ours is gone
+        arrive(ours, 3)  # ... so a member must see the teacher's packet among the newest 256 to report it
+        assert [(d["packet_id"], d["hops"]) for d in member.stats()["demo"]] == [(ours, 3)]
+        for i in range(100):
+            arrive(f"{i + 1000:064x}", 0)
+        assert [d["packet_id"] for d in member.stats()["demo"]] == [ours]  # 100 more do not push it out
+        assert len(member.demo_seen) == 256
+    finally:
+        node.close()
