@@ -372,6 +372,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'bubble_ref.classroom.Classroom.__init__': ( 'classroom.html#classroom.__init__',
                                                                                    'bubble_ref/classroom.py'),
                                       'bubble_ref.classroom.Classroom.admit': ('classroom.html#classroom.admit', 'bubble_ref/classroom.py'),
+                                      'bubble_ref.classroom.Classroom.check_address_rate': ( 'classroom.html#classroom.check_address_rate',
+                                                                                             'bubble_ref/classroom.py'),
                                       'bubble_ref.classroom.Classroom.check_unique': ( 'classroom.html#classroom.check_unique',
                                                                                        'bubble_ref/classroom.py'),
                                       'bubble_ref.classroom.Classroom.dashboard': ( 'classroom.html#classroom.dashboard',

@@ -169,6 +169,9 @@ class Classroom:
         self._hellos = RateLimiter(node.clock, config.hellos_per_minute)
         self._all_hellos = RateLimiter(node.clock, config.all_hellos_per_minute)
         self._results = RateLimiter(node.clock, config.results_per_minute)
+        # Per sending address, counted before any parsing or signature check (a laptop's share: per_address nodes)
+        self._from_address = RateLimiter(node.clock, config.per_address * (config.hellos_per_minute +
+                                                                           config.results_per_minute))
         self.demo_key = node.new_identity()  # demo packets go to this key: public, so they may be traced
         self.demos: deque[tuple[str, datetime]] = deque(maxlen=3)  # (packet id, when it was posted)
         self.news: deque[str] = deque(maxlen=200)  # lines for the teacher's terminal
@@ -192,6 +195,7 @@ class Classroom:
 @patch
 def hello(self: Classroom, request: Request) -> Reply:
     "POST /classroom/hello: a student's node joins, or says it is still here; the answer names its neighbours."
+    self.check_address_rate(request.remote)
     data = parse_signed("classroom hello", HELLO_SCHEMA, request.body, self.config.max_body)
     node, now = self.node, self.node.clock()
     client_id = load_public_key(data["client_key"]).id
@@ -274,6 +278,13 @@ def _loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+@patch
+def check_address_rate(self: Classroom, remote: str) -> None:
+    "429 for an address sending more than a laptop's share, before any work (a room on one machine is exempt)."
+    if remote and not _loopback(remote) and not self._from_address.allow(remote):
+        raise NodeError(429, "rate_limited", f"too many hellos and results from {remote} in the last minute; slow down")
 
 # %% ../notebooks/12_classroom.ipynb #12367e91
 @patch
@@ -622,6 +633,7 @@ def make_result(client: Identity, challenge: str, passed: bool, figures: dict, a
 @patch
 def result(self: Classroom, request: Request) -> Reply:
     "POST /classroom/results: a roster student's signed result; the scoreboard keeps each student's best."
+    self.check_address_rate(request.remote)
     data = parse_signed("challenge result", RESULT_SCHEMA, request.body, self.config.max_body)
     node, now = self.node, self.node.clock()
     client_id = load_public_key(data["client_key"]).id

@@ -161,6 +161,24 @@ def test_on_a_network_a_hello_comes_from_the_address_of_its_node(tmp_path):
         world.node.close()
 
 
+def test_one_address_gets_a_laptops_share_of_requests_counted_before_any_parsing(tmp_path):
+    world = World(tmp_path, url="http://192.168.1.10:8000", per_address=2, hellos_per_minute=3, results_per_minute=1)
+    try:
+        ada = {**world.student("Ada", 3), "url": "http://192.168.1.20:8001"}
+        junk = [world.hello(ada, raw=b"{not json", remote="192.168.1.20").status for _ in range(8)]
+        assert junk == [400] * 8  # 2 laptops' share: 2 * (3 hellos + 1 result) a minute
+        refused(world.hello(ada, remote="192.168.1.20"), 429, "rate_limited")
+        result = make_result(ada["client"], "broadcast", True, {}, world.clock())
+        assert "192.168.1.20" in refused(world.node.on_request(Request(
+            "POST /classroom/results", json.dumps(result).encode(), {}, "192.168.1.20")), 429, "rate_limited")
+        assert world.hello({**world.student("Bob", 4), "url": "http://192.168.1.21:8001"},
+                           remote="192.168.1.21").status == 200  # another laptop is not slowed down
+        world.clock.advance(timedelta(minutes=1))
+        assert world.hello(ada, remote="192.168.1.20").status == 200
+    finally:
+        world.node.close()
+
+
 def test_results_are_taken_only_signed_by_a_student_of_the_room_and_judged_by_the_rooms_rule(world):
     ada = world.student("Ada", 3)
     world.hello(ada)
