@@ -9,7 +9,6 @@ import json
 import math
 import os
 import random
-import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -1034,6 +1033,8 @@ class Dashboard:
     "The room, live: the picture, the scoreboard, and buttons for the teacher's actions (name -> function)."
 
     def __init__(self, url: str, token: str | None = None, actions: dict[str, Callable[[], object]] | None = None):
+        import threading
+
         import ipywidgets as widgets
 
         self.url, self.token, self.data = url, token, None
@@ -1140,6 +1141,7 @@ class DataDirLock:
 def serve_until_stopped(running, say: Callable[[str], None], news: Callable[[], list[str]], every: float = 0.5) -> None:
     "Keep the foreground until SIGINT or SIGTERM, printing what `news` returns; then stop the node."
     import signal
+    import threading
 
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -376,3 +376,23 @@ def test_a_member_reports_only_the_teachers_demo_packets_however_many_others_com
         assert len(member.demo_seen) == 256
     finally:
         node.close()
+
+
+CLASSROOM_DRIVERS = {  # the functions of bubble_ref.classroom that serve, wait, or talk to the network
+    "_fast_keys", "start_room", "add_student", "wait_for", "fetch_room", "Dashboard", "lan_address", "DataDirLock",
+    "serve_until_stopped", "run_classroom_command", "student_key", "open_student", "check_teacher",
+    "run_join_command", "_join"}
+
+
+def test_the_classroom_roles_do_no_io_and_read_no_clock_of_their_own():
+    "Classroom and ClassroomMember are roles like the node's (sans-IO): only the named drivers may do I/O."
+    import ast
+    import inspect
+
+    from bubble_ref import classroom
+    from test_sans_io import sans_io_violations
+
+    source = inspect.getsource(classroom)
+    assert sans_io_violations(source, CLASSROOM_DRIVERS) == []
+    top = {n.name for n in ast.parse(source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert CLASSROOM_DRIVERS <= top and sans_io_violations(source) != []  # the exceptions are real
