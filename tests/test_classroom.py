@@ -396,3 +396,18 @@ def test_the_classroom_roles_do_no_io_and_read_no_clock_of_their_own():
     assert sans_io_violations(source, CLASSROOM_DRIVERS) == []
     top = {n.name for n in ast.parse(source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assert CLASSROOM_DRIVERS <= top and sans_io_violations(source) != []  # the exceptions are real
+
+
+def test_the_teachers_exact_view_never_reaches_a_visitor(world):
+    "The public view is cached; the operator's is not: asking as the teacher first must not fill the public cache."
+    ada = world.student("Ada", 3)
+    world.hello(ada, stats={**STATS, "stored": 47, "relayed": 13, "received": 5})
+    exact = world.room(operator=True)
+    assert exact["room"]["operator"] is True and "score" in exact["nodes"][1]
+    for token in (None, "0" * 64, world.node.operator_token[:-1] + "x"):  # no token, a wrong one, nearly right
+        reply = world.node.on_request(Request("GET /classroom", b"", {}, "127.0.0.9", token))
+        view = reply.body
+        assert reply.status == 200 and view["room"]["operator"] is False
+        assert all("score" not in n for n in view["nodes"])
+        assert [(n["stored"], n["relayed"], n["received"]) for n in view["nodes"]][1] == (40, 10, 0)
+        assert view["room"]["refreshed_every"] == 10.0
