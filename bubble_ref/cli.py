@@ -423,7 +423,7 @@ def _add_sim_parser(commands) -> None:
     swarm = tools.add_parser("swarm", help="random meshes, traffic, faults and misbehaviour, checked for invariants",
                              description="Run the swarm tester: each seed draws a mesh of 5-9 full nodes, client "
                                          "traffic, faults (loss, crashes, partitions, slow hosts) and misbehaviour "
-                                         "(droppers, colluders), runs it on the real node classes, and checks the "
+                                         "(droppers, colluders, Sybils, report flooders), runs it on the real node classes, and checks the "
                                          "invariants. A violation prints its seed; --seed S replays exactly that run.")
     swarm.add_argument("--seeds", type=int, default=20, help="how many seeds to run (default: 20)")
     swarm.add_argument("--first", type=int, default=0, help="the first seed (default: 0)")

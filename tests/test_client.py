@@ -43,7 +43,7 @@ def wait_for(condition, timeout=60.0):  # generous: we wait on threads and socke
 
 
 class RecordingTransport(Transport):
-    "An RX transport that keeps every packet the servers hand out (GET /messages), duplicates included."
+    "An RX transport that keeps every packet the servers hand out (POST /messages/retrieve), duplicates included."
 
     def __init__(self):
         super().__init__()
@@ -51,7 +51,7 @@ class RecordingTransport(Transport):
 
     def request(self, method, url, body=None):
         status, answer = super().request(method, url, body)
-        if method == "GET" and url.endswith("/messages") and status == 200:
+        if (method, url.rsplit("/", 2)[-2:]) == ("POST", ["messages", "retrieve"]) and status == 200:
             self.received += [item["packet"] for item in answer["messages"]]
         return status, answer
 

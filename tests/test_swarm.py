@@ -3,7 +3,9 @@
 A seed replays exactly, in this process and in another one (whatever Python's string hashing); a fixed handful of
 seeds that together hold a dropper, colluders, a crash and a partition break no invariant; an honest node that is
 down for a while is not blacklisted while a silent dropper is (and the old weight of 'unreachable' would have
-blacklisted it: the check can fail); a colluding majority does get its victim blacklisted (the checker sees it).
+blacklisted it: the check can fail); a colluding majority does get its victim blacklisted (the checker sees it);
+a Sybil's invented servers never vote, and a report flooder is refused and leaves bounded state (notebook 10's S3 and
+S6 inside whole meshes) — and with every listed server counted as a voter, the Sybil wins (the check can fail).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import textwrap
 import pytest
 
 from bubble_ref import ledger
+from bubble_ref.ballot import Ballot
 from bubble_ref.swarm import (
     Scenario, SwarmReport, format_swarm, make_scenario, outage_scenario, run_scenario)
 
@@ -143,7 +146,7 @@ def test_a_colluding_majority_gets_its_victim_blacklisted_and_the_checker_says_s
     scenario = Scenario(3, names, links, behaviour, "n0", 0.0, (), (), (), traffic, 60.0, 120.0)
     run = run_scenario(scenario)
     assert run.first_blacklisting("n0", by="n1") is not None
-    assert any("wrongly blacklisted" in v and "colluders' victim" in v for v in run.violations)
+    assert any("wrongly blacklisted" in v and "attackers' victim" in v for v in run.violations)
 
 
 def test_bench_monitoring_refuses_nonsense():
@@ -152,3 +155,35 @@ def test_bench_monitoring_refuses_nonsense():
     for bad in (dict(seeds=0), dict(loss=1.0), dict(loss=-0.1), dict(nodes=4)):
         with pytest.raises(ValueError):
             bench_monitoring(**bad)
+
+
+# ------------------------------------------------------------------ notebook 10's attackers inside the swarm
+
+def first_seed_with(kind: str) -> Scenario:
+    "The first short scenario with an attacker of `kind` (make_scenario is deterministic: always the same seed)."
+    return next(s for s in (make_scenario(seed, **SHORT) for seed in range(200)) if kind in s.behaviour.values())
+
+
+def test_a_sybil_inside_a_mesh_gets_every_decision_refused():
+    run = run_scenario(first_seed_with("sybil"))
+    assert run.violations == [] and run.bugs == [], run.violations
+    assert len(run.phantoms) == 8 and run.attacks[("sybil", 403)] > 0, run.attacks
+    assert run.attacks[("sybil", 200)] == 0, "no node took the Sybil's decision"
+    assert run.first_blacklisting(run.scenario.victim) is None
+
+
+def test_the_sybil_check_can_fail_when_every_listed_server_votes(monkeypatch):
+    "The naive electorate (every server in the directory, as lists name them): the Sybil's decision carries."
+    monkeypatch.setattr(Ballot, "electorate", lambda self: set(self.peers.directory()) | {self.node.id})
+    run = run_scenario(first_seed_with("sybil"))
+    assert run.attacks[("sybil", 200)] > 0
+    assert any("attackers' victim" in v for v in run.violations), run.violations
+    assert any("invented server" in v for v in run.violations), run.violations
+
+
+def test_a_report_flooder_is_rate_limited_and_leaves_bounded_state():
+    run = run_scenario(first_seed_with("flood-reports"))
+    assert run.violations == [] and run.bugs == [], run.violations
+    assert run.attacks[("flood-reports", 429)] > 0 and run.attacks[("flood-reports", 202)] > 0, run.attacks
+    text = format_swarm(SwarmReport([run]))
+    assert "flooded reports answered" in text and "violations: 0" in text
