@@ -19,8 +19,9 @@ from . import __version__
 from .packets import MAX_PACKET_BYTES
 
 # %% auto #0
-__all__ = ['DEMO_NODES', 'DEFAULT_DATA_DIR', 'run_demo', 'run_node_command', 'wait_until_answering', 'run_mesh_command',
-           'build_parser', 'run_student_notebooks_command', 'run_sim_command', 'main']
+__all__ = ['DEMO_NODES', 'DEFAULT_DATA_DIR', 'WORKSHOP_CHALLENGES', 'run_demo', 'run_node_command', 'wait_until_answering',
+           'run_mesh_command', 'build_parser', 'run_student_notebooks_command', 'run_classroom_commands',
+           'run_sim_command', 'main']
 
 # %% ../notebooks/90_cli.ipynb #4dbb191c
 def _short(text: str, keep: int = 20) -> str:
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stun_parser(commands)
     _add_bench_parser(commands)
     _add_workshop_parser(commands)  # workshop: students' notebooks (notebook 14)
+    _add_classroom_parsers(commands)  # notebooks 12 and 12b: classroom, join
     return parser
 
 # %% ../notebooks/90_cli.ipynb #d2c38d95
@@ -540,10 +542,11 @@ def _add_calls_bench_parser(targets) -> None:
 # %% ../notebooks/90_cli.ipynb #workshop-students
 # ---- workshop: the students' notebooks (notebook 14) (begin) ----
 def _add_workshop_parser(commands) -> None:
-    workshop = commands.add_parser("workshop", help="for teachers: the students' copies of the notebooks",
+    workshop = commands.add_parser("workshop", help="for teachers: the students' copies of the notebooks; the challenges' checkers",
                                    description="Tools for running a workshop with the notebooks.")
     tools = workshop.add_subparsers(dest="workshop_tool", required=True, metavar="TOOL")
     _add_student_notebooks_parser(tools)
+    _add_workshop_check_parser(tools)  # `workshop check CHALLENGE` (notebooks 12 and 12b, below)
 
 
 def _add_student_notebooks_parser(tools) -> None:
@@ -584,6 +587,91 @@ def run_student_notebooks_command(args: argparse.Namespace) -> int:
     print(f"students: open them with `jupyter lab {target}`; each exercise's checks say what is wrong")
     return 0
 # ---- workshop: the students' notebooks (end) ----
+
+# %% ../notebooks/90_cli.ipynb #c1a55r00
+# ---- classroom (notebooks 12 and 12b): `bubble-ref classroom`, `join`, `workshop check` (begin) ----
+WORKSHOP_CHALLENGES = ("broadcast", "dropper", "timing", "cover")  # bubble_ref.challenges.CHALLENGES, kept light here
+
+
+def _add_room_node_options(command, audit_interval: float) -> None:
+    "The node settings a classroom's nodes share (a subset of `bubble-ref node`'s, with classroom defaults)."
+    command.add_argument("--hello-interval", type=float, default=5.0, metavar="SECONDS",
+                         help="how often a student's node says hello to the teacher's (default: 5)")
+    command.add_argument("--audit-interval", type=float, default=audit_interval, metavar="SECONDS",
+                         help=f"mean time between two audits of another node (default: {audit_interval:g}; 0: none)")
+    command.add_argument("--audit-deadline", type=float, default=2.0, metavar="SECONDS",
+                         help="how long an audited node has to relay the audit packet (default: 2)")
+    command.add_argument("--audit-recheck", type=float, default=15.0, metavar="SECONDS",
+                         help="when an audit looks again at the neighbours that lacked the packet (default: 15)")
+    command.add_argument("--sync-interval", type=float, default=10.0, metavar="SECONDS",
+                         help="how often to reconcile packets with a random peer (default: 10)")
+    command.add_argument("--directory-interval", type=float, default=10.0, metavar="SECONDS",
+                         help="how often to ask known servers for their server lists (default: 10)")
+    command.add_argument("--retry-max", type=float, default=30.0, metavar="SECONDS",
+                         help="longest wait between two attempts to reach a peer that is down (default: 30)")
+    command.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                         help="log verbosity (default: WARNING; INFO logs every request)")
+
+
+def _add_classroom_parsers(commands) -> None:
+    room = commands.add_parser("classroom", help="a teacher's node for a workshop: roster, dashboard, scoreboard",
+                               description="Serve the teacher's node of a classroom (notebook 12): students join it "
+                                           "with `bubble-ref join`; GET /classroom is the dashboard's data and "
+                                           "/classroom/projector the page for the projector. Stop with Ctrl-C.")
+    room.add_argument("--room", default="classroom", help="the room's name, shown on the dashboard")
+    room.add_argument("--host", default=None, help="address to serve on (default: this machine's network address; "
+                                                   "127.0.0.2 for a room on one machine)")
+    room.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    room.add_argument("--data-dir", default=str(Path.home() / ".bubble-ref" / "classroom"),
+                      help="server key, mailbox and roster (default: ~/.bubble-ref/classroom)")
+    room.add_argument("--max-students", type=int, default=60, help="room size (default: 60)")
+    room.add_argument("--student-links", type=int, default=2, help="classmates each newcomer links to (default: 2)")
+    _add_room_node_options(room, audit_interval=20.0)
+    join = commands.add_parser("join", help="a student's node, joined to a classroom (run it again to rejoin)",
+                               description="Start this student's node joined to the classroom at URL (notebook 12): "
+                                           "a client key and profile for the chat notebook are made on the first "
+                                           "join and kept in the data directory; running it again rejoins with the "
+                                           "same keys, name and port.")
+    join.add_argument("url", nargs="?", help="the teacher's URL, as `bubble-ref classroom` printed it "
+                                             "(default: the one joined before)")
+    join.add_argument("--name", help="your name in the room (default: the one used before)")
+    join.add_argument("--pin", help="the teacher's server id, as printed (at least 16 hex digits)")
+    join.add_argument("--host", default=None, help="address to serve on (default: this machine's network address)")
+    join.add_argument("--port", type=int, default=None, help="TCP port (default: the one used before, else 8001)")
+    join.add_argument("--data-dir", default=str(Path.home() / ".bubble-ref" / "student"),
+                      help="node, profile and keys (default: ~/.bubble-ref/student)")
+    join.add_argument("--behaviour", choices=["honest", "drop", "selective"], default="honest",
+                      help="misbehave on purpose, for the teacher's demo (default: honest)")
+    _add_room_node_options(join, audit_interval=20.0)
+
+
+def _add_workshop_check_parser(tools) -> None:
+    "`bubble-ref workshop check CHALLENGE` (notebook 12b)."
+    check = tools.add_parser("check", help="run a challenge's checker; prints the figures and pass/fail",
+                             description="Run the checker of CHALLENGE on a solution file (which defines the "
+                                         "challenge's entry: make_strategy, judge, link or plan), or on the "
+                                         "reference or naive solution. Exit code 0: passed, 1: not yet.")
+    check.add_argument("challenge", choices=WORKSHOP_CHALLENGES)
+    which = check.add_mutually_exclusive_group()
+    which.add_argument("--solution", metavar="FILE", help="your solution (a .py file)")
+    which.add_argument("--reference", action="store_true", help="the reference solution (the default)")
+    which.add_argument("--naive", action="store_true", help="the naive solution, which fails")
+    check.add_argument("--post", action="store_true", help="sign the result with your key and post it to the classroom")
+    check.add_argument("--data-dir", default=str(Path.home() / ".bubble-ref" / "student"),
+                       help="your `bubble-ref join` data directory, for --post (default: ~/.bubble-ref/student)")
+
+
+def run_classroom_commands(args: argparse.Namespace) -> int:
+    "`classroom`, `join` and `workshop check` (each imports its module only now)."
+    if args.command == "classroom":
+        from bubble_ref.classroom import run_classroom_command
+        return run_classroom_command(args)
+    if args.command == "join":
+        from bubble_ref.classroom import run_join_command
+        return run_join_command(args)
+    from bubble_ref.challenges import run_check_command  # args.workshop_tool == "check"
+    return run_check_command(args)
+# ---- classroom (end) ----
 
 # %% ../notebooks/90_cli.ipynb #b7a5e5f8
 def _run_bench(args: argparse.Namespace) -> str:
@@ -654,6 +742,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench" and args.target == "calls":  # notebook 11b: aiortc and coturn
         from bubble_ref.calls import run_calls_bench
         return run_calls_bench(args)
+    if args.command in ("classroom", "join") or (args.command == "workshop" and args.workshop_tool == "check"):
+        # notebooks 12 and 12b
+        return run_classroom_commands(args)
     if args.command == "bench":
         try:
             print(_run_bench(args))
