@@ -2,6 +2,7 @@
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,12 @@ def pytest_collection_modifyitems(config, items):
 def pytest_sessionfinish(session, exitstatus):
     if _PRIVATE_TMP is None or not _PRIVATE_TMP.exists():
         return
-    left = leftovers(_PRIVATE_TMP)
+    # A notebook whose demo is still live at its end (08b's chat) is cleaned up when its kernel shuts down; a
+    # kernel killed after the shutdown timeout (a loaded machine) leaves that to its scratch folder's watcher
+    # process (bubble_ref.ui.scratch_folder), which removes the folder just after. Wait for it, not on luck.
+    deadline = time.monotonic() + 30
+    while (left := leftovers(_PRIVATE_TMP)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     shutil.rmtree(_PRIVATE_TMP, ignore_errors=True)
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
