@@ -6,7 +6,7 @@ from bubble_ref.bench import bench_store, format_store_bench
 
 def test_bench_store_sweeps_the_expired_half_slot_by_slot_beside_a_writer(tmp_path):
     result = bench_store(packets=2_000, recipients=20, fetches=20, directory=str(tmp_path))
-    assert len(result.fetch_latencies) == 20 and result.fetch_percentile(99) > 0
+    assert len(result.fetch_latencies) == len(result.fetch_cpu) == 20 and result.fetch_percentile(99, cpu=True) > 0
     # arrivals are spread over 7 days and the sweep runs at day 10.5: about half has expired
     assert 0.40 <= result.swept / result.packets <= 0.55, result.swept
     assert result.writer_waits, "a writer stored packets during the sweep"
