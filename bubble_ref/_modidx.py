@@ -131,6 +131,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'bubble_ref.ballot.Ballot.electorate': ('ballot.html#ballot.electorate', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.make_vote': ('ballot.html#ballot.make_vote', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.on_answer': ('ballot.html#ballot.on_answer', 'bubble_ref/ballot.py'),
+                                   'bubble_ref.ballot.Ballot.operator_fields': ( 'ballot.html#ballot.operator_fields',
+                                                                                 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.opinion_of': ('ballot.html#ballot.opinion_of', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.prune': ('ballot.html#ballot.prune', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.quorum_base': ('ballot.html#ballot.quorum_base', 'bubble_ref/ballot.py'),

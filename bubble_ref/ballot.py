@@ -388,6 +388,12 @@ def reputation_fields(self: Ballot, operator: bool) -> dict:
 def status_fields(self: Ballot) -> dict:
     return {"known_servers": len(self.peers.directory()), "blacklisted": len(self.blacklisted)}
 
+
+@patch
+def operator_fields(self: Ballot) -> dict:
+    "How many servers' votes count here now (this node included): fewer than `known_servers` + 1 while some are unverified."
+    return {"voters": len(self.electorate())}
+
 # %% ../notebooks/09c_ballot.ipynb #534b743f
 def open_monitored_node(data_dir, *, peers: tuple[str, ...] = (), clock, rng: random.Random,
                         config: NodeConfig = NodeConfig(), mesh: MeshConfig = MeshConfig(),

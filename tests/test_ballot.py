@@ -340,7 +340,9 @@ def ring(launcher: Launcher, names: str, *extra: str, per_node: dict | None = No
 
 
 def knows_everyone(procs: dict[str, MeshProcess]):
-    return lambda: all(p.status()["known_servers"] == len(procs) - 1 for p in procs.values())
+    "Every node knows every other, and has verified each (its votes count: `voters` is the electorate, itself included)."
+    return lambda: all(p.status()["known_servers"] == len(procs) - 1 and p.status()["voters"] == len(procs)
+                       for p in procs.values())
 
 
 def now_at(proc: MeshProcess) -> datetime:

@@ -124,7 +124,7 @@ def test_s7_status_counters_are_for_the_operator_only(default_node, alice, bob):
     public, operator = default_node.status(operator=False), default_node.status()
     assert {"name", "server_id", "public_key", "version", "proof_mode", "load", "load_measure", "time"} <= set(public)
     assert {"peers", "known_peers"} <= set(public), "roles' public fields"
-    counters = {"stored_messages", "outbox", "lowest_reputation"}
+    counters = {"stored_messages", "outbox", "lowest_reputation", "voters"}
     assert not counters & set(public), public
     assert counters <= set(operator) and operator["stored_messages"] >= 1, operator
     assert set(public) <= set(operator) and operator["server_id"] == public["server_id"]
