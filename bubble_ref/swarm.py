@@ -24,8 +24,8 @@ from .sim import SimNetwork, host_url, sim_keys
 
 # %% auto #0
 __all__ = ['BEHAVIOUR_KINDS', 'RELAYING', 'PHANTOMS', 'SWARM_MONITOR', 'SWARM_MESH', 'Scenario', 'make_scenario', 'Colluder',
-           'Sybil', 'ReportFlooder', 'SwarmRun', 'run_scenario', 'check_invariants', 'SwarmReport', 'swarm',
-           'format_swarm', 'describe_run', 'outage_scenario']
+           'Sybil', 'ReportFlooder', 'SwarmRun', 'run_scenario', 'relay_reach', 'check_invariants', 'SwarmReport',
+           'swarm', 'format_swarm', 'describe_run', 'outage_scenario']
 
 # %% ../notebooks/09d_swarm.ipynb #9856ae1b
 BEHAVIOUR_KINDS = ("honest", "drop", "selective", "collude", "sybil", "flood-reports")
@@ -302,17 +302,20 @@ def run_scenario(scenario: Scenario, *, monitor: MonitorConfig = SWARM_MONITOR, 
     return run
 
 # %% ../notebooks/09d_swarm.ipynb #29d62732
-def _relay_component(scenario: Scenario, origin: str) -> set[str]:
-    "The nodes an origin's packets can reach through nodes that relay (not droppers)."
+def relay_reach(scenario: Scenario, origin: str, refused: frozenset = frozenset()) -> set[str]:
+    """The nodes an origin's packets can reach through nodes that relay (not droppers), over links not in
+    `refused` (pairs of names, `frozenset({a, b})`, where one end blacklisted the other: §18 has a node take
+    nothing from a server it blacklisted, and send it nothing)."""
     relaying = {n for n in scenario.names if scenario.behaviour[n] in RELAYING}
     if origin not in relaying:
         return {origin}
     index = {n: i for i, n in enumerate(scenario.names)}
     seen, todo = {origin}, [origin]
     while todo:
-        for j in scenario.links[index[todo.pop()]]:
+        here = todo.pop()
+        for j in scenario.links[index[here]]:
             other = scenario.names[j]
-            if other in relaying and other not in seen:
+            if other in relaying and other not in seen and frozenset((here, other)) not in refused:
                 seen.add(other)
                 todo.append(other)
     return seen
@@ -323,11 +326,12 @@ def check_invariants(net: SimNetwork, scenario: Scenario, run: SwarmRun, clients
     found = [f"bug: {b}" for b in net.bugs]
     honest = set(scenario.honest)
     up = {name for name in scenario.names if net.hosts[name].node is not None}  # a node still down is not asked
+    refused = frozenset(frozenset((judge, about)) for _, judge, about, d in run.decisions if d == "blacklisted")
     for packet_id, (origin, recipient, at) in sorted(run.acknowledged.items(), key=lambda kv: kv[1][2]):
         label = f"packet posted at {origin} at t={at:.1f}"
         if origin in up and not net.hosts[origin].node.mailbox.contains(packet_id):
             found.append(f"lost: {label} is no longer at {origin}, which acknowledged it")
-        for name in sorted(_relay_component(scenario, origin) & honest & up):
+        for name in sorted(relay_reach(scenario, origin, refused) & honest & up):
             if not net.hosts[name].node.mailbox.contains(packet_id):
                 found.append(f"undelivered: {label} never reached {name}")
     for name in sorted(honest & up):

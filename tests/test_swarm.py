@@ -20,7 +20,7 @@ import pytest
 from bubble_ref import ledger
 from bubble_ref.ballot import Ballot
 from bubble_ref.swarm import (
-    Scenario, SwarmReport, format_swarm, make_scenario, outage_scenario, run_scenario)
+    Scenario, SwarmReport, format_swarm, make_scenario, outage_scenario, relay_reach, run_scenario)
 
 SHORT = dict(faults_end=40, settle=90, max_nodes=6)  # a cheap scenario: 5 or 6 nodes, 90 simulated seconds
 REPLAY_SEED, OTHER_SEED = 10, 12
@@ -147,6 +147,32 @@ def test_a_colluding_majority_gets_its_victim_blacklisted_and_the_checker_says_s
     run = run_scenario(scenario)
     assert run.first_blacklisting("n0", by="n1") is not None
     assert any("wrongly blacklisted" in v and "attackers' victim" in v for v in run.violations)
+
+
+def test_delivery_is_not_owed_across_a_link_one_end_blacklisted():
+    "n0 — n1 — n2 — n3: a packet at n3 reaches all four, unless n2 blacklisted n1 (or n1 blacklisted n2)."
+    line = Scenario(0, ("n0", "n1", "n2", "n3"), ((1,), (0, 2), (1, 3), (2,)),
+                    {"n0": "honest", "n1": "honest", "n2": "collude", "n3": "honest"}, "n1", 0.0, (), (), (), (),
+                    0.0, 0.0)
+    assert relay_reach(line, "n3") == {"n0", "n1", "n2", "n3"}
+    cut = frozenset({frozenset(("n2", "n1"))})
+    assert relay_reach(line, "n3", cut) == {"n2", "n3"} and relay_reach(line, "n0", cut) == {"n0", "n1"}
+
+
+def test_seed_73_a_colluder_that_blacklists_its_only_link_is_cut_off_and_caught():
+    """The 200-seed swarm's only violation: n4 (a colluder) is linked to its victim n1 alone and has verified nobody
+    when it first calls a vote, so its own vote is a majority of its electorate; it blacklists n1 at t=5 and so
+    refuses n1's relays and sends it nothing. A packet posted at n4 cannot leave n4 — by §18, not a loss. The
+    honest nodes' audits of n4 fail, and every one of them blacklists it."""
+    scenario = make_scenario(73)
+    assert scenario.links[4] == (1,) and scenario.behaviour["n4"] == "collude" and scenario.victim == "n1"
+    run = run_scenario(scenario)
+    assert run.bugs == [] and run.violations == [], run.violations
+    assert run.first_blacklisting("n1", by="n4") == 5.0, "n4 blacklisted its victim on its own vote"
+    assert any(origin == "n4" for origin, _, _ in run.acknowledged.values()), "a packet was posted at n4"
+    for judge in scenario.honest:
+        assert run.first_blacklisting("n4", by=judge) is not None, f"{judge} did not blacklist n4"
+    assert all(run.first_blacklisting("n1", by=judge) is None for judge in scenario.honest)
 
 
 def test_bench_monitoring_refuses_nonsense():
