@@ -153,11 +153,15 @@ def _ensure_slot(self: Mailbox, slot: int) -> str:
 
 @patch
 def _union(self: Mailbox, kind: str, where: str, order: str = "", limit: bool = False) -> str:
-    "One query asking every slot's table the same question (newest slot first), cached per set of slots."
+    """One query asking every slot's table the same question (newest slot first), cached per set of slots.
+
+    With `order`, each slot's index already yields its rows in that order, so SQLite merges the slots' answers
+    as they come (`MERGE (UNION ALL)` in the query plan) and stops at the LIMIT: a page costs about one page of
+    rows, however many the mailbox holds (a test checks the plan). A per-slot `LIMIT` in a subquery would bound
+    the same work, but SQLite then fills each slot's subquery first: 2.5 times the CPU per page."""
     key = f"{kind}/{len(self.slots)}"
     if key not in self._queries:
-        tail = f" ORDER BY {order} LIMIT ?" if limit else ""
-        parts = [f"SELECT * FROM (SELECT {COLUMNS} FROM messages_{slot} WHERE {where}{tail})" for slot in self.slots]
+        parts = [f"SELECT {COLUMNS} FROM messages_{slot} WHERE {where}" for slot in self.slots]
         self._queries[key] = " UNION ALL ".join(parts) + (f" ORDER BY {order} LIMIT ?" if limit else "")
     return self._queries[key]
 
@@ -262,7 +266,7 @@ def fetch(self: Mailbox, recipient_id: str, after: str | None = None, limit: int
         return Page([], str(start), False)
     now = to_millis(self.clock())
     sql = self._union("fetch", "recipient_id = ? AND rseq > ? AND expires_at > ?", "rseq", limit=True)
-    rows = self._db.execute(sql, (*[v for _ in self.slots for v in (rid, start, now, limit + 1)], limit + 1)).fetchall()
+    rows = self._db.execute(sql, (*[v for _ in self.slots for v in (rid, start, now)], limit + 1)).fetchall()
     packets = [_row(r) for r in rows[:limit]]
     return Page(packets, packets[-1].cursor if packets else str(start), len(rows) > limit)
 
@@ -275,7 +279,7 @@ def since(self: Mailbox, after: str | None = None, limit: int | None = None) -> 
         return Page([], str(start), False)
     now = to_millis(self.clock())
     rows = self._db.execute(self._union("since", "seq > ? AND expires_at > ?", "seq", limit=True),
-                            (*[v for _ in self.slots for v in (start, now, limit + 1)], limit + 1)).fetchall()
+                            (*[v for _ in self.slots for v in (start, now)], limit + 1)).fetchall()
     packets = [_row(r, by="seq") for r in rows[:limit]]
     return Page(packets, packets[-1].cursor if packets else str(start), len(rows) > limit)
 
