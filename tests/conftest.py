@@ -53,6 +53,19 @@ def fixed_clock():
     return lambda: FIXED_TIME
 
 
+# ------------------------------------------------------------------- real nodes
+
+@pytest.fixture
+def launcher(tmp_path):
+    "Starts real nodes as subprocesses (tests/nodes.py) under tmp_path; stops every one when the test ends."
+    from nodes import Launcher  # the tests' helper module, importable as in every test module (tests/ on sys.path)
+    launch = Launcher(tmp_path)
+    try:
+        yield launch
+    finally:
+        launch.stop_all()
+
+
 # ------------------------------------------------------------------- helpers
 
 def b64(data: bytes) -> str:

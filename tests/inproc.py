@@ -7,11 +7,22 @@ JSON goes through bytes both ways, as on the wire.
 from __future__ import annotations
 
 import json
+import random
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from bubble_ref.node import After, Call, Node, Reply, Request
+from bubble_ref.mesh import MeshConfig, open_mesh_node
+from bubble_ref.node import After, Call, Node, NodeConfig, Reply, Request
 from bubble_ref.node import body_bytes as reply_bytes
 from bubble_ref.sim import match_route
+
+
+def mesh_node(path: Path, clock, peers: tuple[str, ...], url: str, **mesh) -> Node:
+    "A mesh node (notebook 06) at `url` (what `carry` routes by), named after its folder, with MeshConfig(**mesh)."
+    node = open_mesh_node(path, peers=peers, clock=clock, rng=random.Random(0), config=NodeConfig(name=path.name),
+                          mesh=MeshConfig(**mesh))
+    node.url = url
+    return node
 
 
 def body_bytes(body) -> bytes:

@@ -349,13 +349,6 @@ def now_at(proc: MeshProcess) -> datetime:
     return parse_timestamp(proc.status()["time"])
 
 
-@pytest.fixture
-def launcher(tmp_path):
-    launched = Launcher(tmp_path)
-    yield launched
-    launched.stop_all()
-
-
 def assert_refused_relay_and_unlisted(honest: MeshProcess, bad: MeshProcess, alice, bob) -> None:
     "`honest` refuses relays signed by `bad` (403 blacklisted) and leaves it out of its server list."
     now = now_at(honest)

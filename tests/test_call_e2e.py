@@ -17,8 +17,8 @@ from bubble_ref.client import Client, is_control_content
 from bubble_ref.crypto import Identity
 from bubble_ref.envelope import make_retrieval_proof
 from bubble_ref.mesh import free_port
-from nodes import assert_error
-from turn_support import PeeredNodeProcess, require_turnserver, start_all, wait_until
+from nodes import assert_error, wait_until
+from turn_support import PeeredNodeProcess, require_turnserver, start_all
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def turn_mesh(tmp_path, coturn):
     try:
         start_all(procs)
         wait_until(lambda: all(requests.get(f"{u}/status", timeout=5).json()["known_peers"] == 2 for u in urls),
-                   "every node knows its two peers")
+                   "every node knows its two peers", timeout=120.0)
         yield urls
     finally:
         for proc in procs:

@@ -1,6 +1,5 @@
 """The client against a live in-process mesh of three nodes (each linked to the other two)."""
 import json
-import time
 import warnings
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from bubble_ref.crypto import Identity
 from bubble_ref.envelope import open_message, seal
 from bubble_ref.mesh import start_local_mesh
 
-from nodes import HTTP_TIMEOUT, fetch_all
+from nodes import HTTP_TIMEOUT, fetch_all, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +32,6 @@ def mesh(running_mesh):
 def client(tmp_path, name, identity=None, servers=(), **kwargs):
     identity = identity or Identity.generate()
     return Client(identity, tmp_path / name, default_servers=tuple(servers), **kwargs)
-
-
-def wait_for(condition, timeout=60.0):  # generous: we wait on threads and sockets of a shared 2-core machine
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 class RecordingTransport(Transport):
@@ -101,9 +93,9 @@ def test_alice_and_bob_talk_both_ways_with_tx_different_from_rx(tmp_path, mesh):
         c.refresh_load()
         assert c.choose()[0] != c.choose()[1]
     alice.send(bob.identity.public, "ping")
-    wait_for(lambda: bob.poll() or [m.content for m in bob.history()] == ["ping"])
+    wait_until(lambda: bob.poll() or [m.content for m in bob.history()] == ["ping"], "Bob to receive the ping")
     bob.send(alice.identity.public.pem, "pong")  # a PEM spelling of the key works too
-    wait_for(lambda: alice.poll() or len(alice.history()) == 2)
+    wait_until(lambda: alice.poll() or len(alice.history()) == 2, "Alice to receive the answer")
     assert [(m.direction, m.content) for m in alice.history(bob.identity.public)] == [("out", "ping"), ("in", "pong")]
     assert [(m.direction, m.content) for m in bob.history(alice.identity.public)] == [("in", "ping"), ("out", "pong")]
     assert alice.poll() == [] and len(alice.history()) == 2  # polling again records nothing twice
@@ -123,7 +115,7 @@ def test_two_devices_with_one_key_share_one_history(tmp_path, mesh):
     laptop.send(friend.identity.public, "sent from the laptop")
     friend.send(me.public, "to both your devices")
     for device in (laptop, phone):
-        wait_for(lambda: device.poll() or len(device.history()) == 2)
+        wait_until(lambda: device.poll() or len(device.history()) == 2, "each device to hold both messages")
     assert [m.uuid for m in phone.history()] == [m.uuid for m in laptop.history()]
     assert {(m.direction, m.content) for m in phone.history()} == {
         ("out", "sent from the laptop"), ("in", "to both your devices")}
@@ -144,7 +136,7 @@ def test_a_dead_tx_server_is_replaced_and_the_message_arrives_exactly_once(tmp_p
     alice.send(bob.identity.public, "still there?")
     assert alice.tx != first_tx
     assert ("POST", f"{first_tx}/messages") in tx_transport.attempts
-    wait_for(lambda: bob.poll() or len(bob.history()) == 1)
+    wait_until(lambda: bob.poll() or len(bob.history()) == 1, "Bob to receive the message")
 
     def copies_at(url):
         "The packets in Bob's mailbox at `url` that open to the message (the history would hide duplicates)."
@@ -156,7 +148,8 @@ def test_a_dead_tx_server_is_replaced_and_the_message_arrives_exactly_once(tmp_p
         return requests.get(f"{r.url}/status", headers=token, timeout=HTTP_TIMEOUT).json()["outbox"]
 
     # the mesh is quiet: every node has the message and no relay is left to send (no later copy can come)
-    wait_for(lambda: all(copies_at(r.url) and outbox(r) == 0 for r in running_mesh.values()))
+    wait_until(lambda: all(copies_at(r.url) and outbox(r) == 0 for r in running_mesh.values()),
+               "a copy at every node and every outbox empty")
     bob.poll()
     assert [m.content for m in bob.history()] == ["still there?"]
     assert [len(copies_at(url)) for url in mesh] == [1, 1, 1], "one packet at every node, not a resent second one"
@@ -192,7 +185,7 @@ def test_forgeries_and_other_peoples_self_copies_never_enter_the_history(tmp_pat
     # Mallory writes Bob a "self-copy" claiming Bob sent something: it is not from Bob, so it is an ordinary message
     fake = seal(mallory, bob.identity.public, self_copy_content(alice.identity.public, "I owe Mallory", "x" * 8))
     Transport().request("POST", f"{bob.rx}/messages", fake.to_dict())
-    wait_for(lambda: bob.poll() or len(bob.history()) == 1)
+    wait_until(lambda: bob.poll() or len(bob.history()) == 1, "Bob to receive the message")
     entry = bob.history()[0]
     assert entry.direction == "in" and entry.peer == mallory.public.b64
     assert read_self_copy(entry.content)["content"] == "I owe Mallory"  # shown as what Mallory sent, nothing more

@@ -51,15 +51,6 @@ def bound_proof(node: NodeProcess, who: Identity):
     return make_retrieval_proof(who, server_id=node.status(operator=False)["server_id"])
 
 
-@pytest.fixture
-def launcher(tmp_path):
-    launch = Launcher(tmp_path)
-    try:
-        yield launch
-    finally:
-        launch.stop_all()
-
-
 @pytest.fixture(scope="module")
 def default_node(tmp_path_factory):
     "A node started with no options but its address and data directory."

@@ -11,7 +11,6 @@ import json
 import random
 import re
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 import requests
@@ -19,13 +18,13 @@ import requests
 from bubble_ref.crypto import Identity
 from bubble_ref.envelope import check_packet, make_retrieval_proof, open_message, seal
 from bubble_ref.mesh import (
-    HOP_LIMIT, MeshConfig, RelayReceived, RelaySent, canonical_bytes, open_mesh_node, sign_body, sign_relay,
+    HOP_LIMIT, MeshConfig, RelayReceived, RelaySent, canonical_bytes, sign_body, sign_relay,
     verify_body)
-from bubble_ref.node import After, NodeConfig
+from bubble_ref.node import After
 from bubble_ref.packets import format_timestamp, parse_timestamp
 from bubble_ref.store import ManualClock
 
-from inproc import ask, calls, carry, pin, timers
+from inproc import ask, calls, carry, mesh_node, pin, timers
 from nodes import HTTP_TIMEOUT, Launcher, MeshProcess, NodeProcess, assert_error, fetch_all, wait_until
 
 
@@ -86,15 +85,6 @@ def fresh_packet(alice: Identity, bob: Identity, text: str) -> tuple[dict, str]:
     "A new sealed packet from Alice to Bob, as a dict, and its server-computed id."
     packet = seal(alice, bob.public.b64, text)
     return packet.to_dict(), check_packet(packet).id
-
-
-@pytest.fixture
-def launcher(tmp_path):
-    launch = Launcher(tmp_path)
-    try:
-        yield launch
-    finally:
-        launch.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -310,13 +300,6 @@ def test_relays_refused_with_unknown_server_wait_in_the_outbox(launcher, alice, 
 DAY = timedelta(days=1)
 START = datetime(2024, 6, 15, 12, 0, 0, tzinfo=timezone.utc)
 A_URL, B_URL, C_URL = "http://a.invalid", "http://b.invalid", "http://c.invalid"
-
-
-def mesh_node(path: Path, clock, peers: tuple[str, ...], url: str, **mesh):
-    node = open_mesh_node(path, peers=peers, clock=clock, rng=random.Random(0), config=NodeConfig(name=path.name),
-                          mesh=MeshConfig(**mesh))
-    node.url = url
-    return node
 
 
 @pytest.fixture

@@ -1,27 +1,19 @@
 """Server-list exchange, in process: a node's signed list with URLs and keys, what a receiver must refuse, and the
 directory a node builds from the lists it gets (Peers)."""
 import json
-import random
 from datetime import timedelta
 
 import pytest
 
 from bubble_ref.crypto import Identity
-from bubble_ref.mesh import MeshConfig, Server, ServerListed, canonical_bytes, open_mesh_node, sign_body, verify_server_list
-from bubble_ref.node import After, NodeConfig, NodeError
+from bubble_ref.mesh import MeshConfig, Server, ServerListed, canonical_bytes, sign_body, verify_server_list
+from bubble_ref.node import After, NodeError
 from bubble_ref.packets import ServerListRequest, format_timestamp
 from bubble_ref.store import ManualClock
 
-from inproc import ask, assert_refused, calls, carry, pin
+from inproc import ask, assert_refused, calls, carry, mesh_node, pin
 
 A_URL, B_URL, C_URL = "http://127.0.0.1:8101", "http://127.0.0.1:8102", "http://127.0.0.1:8103"
-
-
-def mesh_node(path, clock, peers, url, **mesh):
-    node = open_mesh_node(path, peers=peers, clock=clock, rng=random.Random(0), config=NodeConfig(name=path.name),
-                          mesh=MeshConfig(**mesh))
-    node.url = url
-    return node
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ they start (so each can name the others as peers), started with the TURN flags."
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -49,11 +47,3 @@ def start_all(procs: list[NodeProcess]) -> None:
         list(pool.map(lambda p: p.start(), procs))
 
 
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 120.0, every: float = 0.05):
-    "Poll `predicate` until it is truthy (returned); fail with `what` after `timeout` s (generous: a busy machine)."
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last value {value!r})")
-        time.sleep(every)
-    return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -306,6 +307,17 @@ class Lab:
         errors = self.page.evaluate(JS_ERRORS, path)
         assert ok and not [e for e in errors if not e.startswith("stderr")], f"Run All failed in {path}: {errors}"
         return errors
+
+    def run_a_copy(self, notebook: Path, lab_folder: tuple[Path, str]) -> str:
+        """Copy `notebook` into the lab's folder (the `lab_folder` fixture), open it and Run All, as a learner would;
+        fails if a cell raised or wrote to stderr. Its path in the lab."""
+        folder, relative = lab_folder
+        shutil.copyfile(notebook, folder / notebook.name)
+        path = f"{relative}/{notebook.name}"
+        self.open_notebooks([path])
+        stderr = self.run_all(path)
+        assert not stderr, f"Run All wrote to stderr in {path}: {stderr}"
+        return path
 
     def close(self, paths: list[str], timeout: float = 60.0) -> None:
         "Shut each notebook's kernel down and close its tab."

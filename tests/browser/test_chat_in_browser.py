@@ -6,7 +6,6 @@ temp folder is gone), and a send after that says the chat is stopped instead of 
 """
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 
@@ -17,12 +16,7 @@ WAIT_MS = 60_000  # generous: a poll round trip through the mesh, on a busy mach
 def test_a_message_typed_in_alices_window_shows_in_bobs_and_stop_ends_the_chat(lab, lab_server, lab_folder):
     from playwright.sync_api import expect
 
-    folder, relative = lab_folder
-    shutil.copyfile(NOTEBOOK, folder / NOTEBOOK.name)
-    path = f"{relative}/{NOTEBOOK.name}"
-    lab.open_notebooks([path])
-    stderr = lab.run_all(path)
-    assert not stderr, f"Run All wrote to stderr: {stderr}"
+    path = lab.run_a_copy(NOTEBOOK, lab_folder)
     assert len(list(lab_server.tmp.glob("bubble-chat-*"))) == 1, "the live chat keeps its folder until stopped"
 
     # The windows shown last, in "Your turn", are the ones next to the learner after Run All.

@@ -5,7 +5,6 @@ the node (its Content-Security-Policy allows nothing else: a violation would sho
 from __future__ import annotations
 
 import re
-import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,12 +17,7 @@ WAIT_MS = 60_000  # generous: the page polls every 2 s, on a busy machine
 def test_the_dashboard_notebook_renders_its_graph_in_jupyterlab(lab, lab_folder):
     from playwright.sync_api import expect
 
-    folder, relative = lab_folder
-    shutil.copyfile(NOTEBOOK, folder / NOTEBOOK.name)
-    path = f"{relative}/{NOTEBOOK.name}"
-    lab.open_notebooks([path])
-    stderr = lab.run_all(path)
-    assert not stderr, f"Run All wrote to stderr: {stderr}"
+    path = lab.run_a_copy(NOTEBOOK, lab_folder)
     dashboard = lab.page.locator(".bubble-dashboard").last
     picture = dashboard.locator(".bubble-dashboard-picture")
     expect(picture).to_be_visible(timeout=WAIT_MS)
