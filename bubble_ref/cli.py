@@ -456,9 +456,10 @@ def _add_bench_parser(commands) -> None:
     node_bench.add_argument("--fetches", type=int, default=500, help="GET /messages requests per app (default: 500)")
     node_bench.add_argument("--rounds", type=int, default=5, help="alternated rounds (default: 5)")
     store_bench = targets.add_parser("store", help="fetch latency and sweep time in a mailbox of 1,000,000 packets",
-                                     description="Fill a SQLite mailbox with packets, time fetching one "
-                                                 "recipient's page of 50, time a sweep removing half, and report "
-                                                 "the database size per packet.")
+                                     description="Fill a SQLite mailbox with a week of steady arrivals, time "
+                                                 "fetching one recipient's page of 50 (wall and CPU), sweep the "
+                                                 "expired half slot by slot beside a writer (its longest wait), "
+                                                 "and report the database size per packet.")
     store_bench.add_argument("-n", "--packets", type=int, default=1_000_000, help="packets (default: 1000000)")
     store_bench.add_argument("--recipients", type=int, default=10_000, help="recipients (default: 10000)")
     store_bench.add_argument("--fetches", type=int, default=1000, help="fetches to time (default: 1000)")
