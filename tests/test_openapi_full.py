@@ -115,12 +115,17 @@ def test_the_catalog_names_only_known_errors_and_every_status_is_documented():
 EXTENSION_MODULES = ("classroom.py", "challenges.py")  # notebooks 12 and 12b: not the protocol (PROTOCOL §20)
 
 
+def codes_raised_in(modules) -> set[str]:
+    "The error codes the package's `modules` (file names in bubble_ref/) raise as NodeError (or refuse) answers."
+    source = "\n".join((ROOT / "bubble_ref" / name).read_text("utf-8") for name in modules)
+    return set(re.findall(r'(?:NodeError|refuse)\(\s*\d{3},\s*f?"([a-z_]+)(?:\{|")', source))
+
+
 def test_every_error_code_in_the_code_is_in_the_table():
     "The table is complete: every NodeError the package can raise names a code the table defines."
-    # (an extension's own routes and codes are documented with it: the classroom's in docs/workshop.md, tested there)
+    # (an extension's own routes and codes are documented with it: the classroom's in docs/workshop.md, below)
     extensions = {"_modidx.py", *EXTENSION_MODULES}
-    source = "\n".join(p.read_text("utf-8") for p in (ROOT / "bubble_ref").glob("*.py") if p.name not in extensions)
-    raised = set(re.findall(r'(?:NodeError|refuse)\(\s*\d{3},\s*f?"([a-z_]+)(?:\{|")', source))
+    raised = codes_raised_in(p.name for p in (ROOT / "bubble_ref").glob("*.py") if p.name not in extensions)
     raised |= {"internal_error", "http_error"}
     stale = {c for c in ERRORS if c.startswith("stale_")}
     raised = {c for c in raised if c != "stale_"} | (stale if "stale_" in raised else set())
@@ -130,6 +135,16 @@ def test_every_error_code_in_the_code_is_in_the_table():
     assert raised - outgoing_only <= set(ERRORS), raised - outgoing_only - set(ERRORS)
     assert set(ERRORS) - {"bad_request", "not_found", "method_not_allowed", "too_large", "unsupported_media_type",
                           "http_error", "internal_error"} <= raised
+
+
+def test_every_error_code_the_classroom_can_answer_is_in_the_teachers_guide():
+    "An extension documents its own codes (PROTOCOL §20): docs/workshop.md's table says what each means and what to do."
+    codes = codes_raised_in(EXTENSION_MODULES) - {"invalid_"}  # f"invalid_{what}": one per parse_signed(what) call
+    source = "\n".join((ROOT / "bubble_ref" / name).read_text("utf-8") for name in EXTENSION_MODULES)
+    codes |= {f"invalid_{name.split()[-1]}" for name in re.findall(r'parse_signed\(\s*"([a-z ]+)"', source)}
+    assert {"invalid_hello", "invalid_result", "unknown_student", "room_full"} <= codes, "the search finds them"
+    guide = (ROOT / "docs" / "workshop.md").read_text("utf-8")
+    assert sorted(c for c in codes if f"`{c}`" not in guide) == []
 
 
 def test_protocol_md_holds_the_error_table_exactly():
