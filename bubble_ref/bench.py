@@ -466,7 +466,7 @@ class FloodFigures:
     nodes: int
     broadcasts: int
     relays_per_message_per_node: float  # POST /relay requests sent, per packet, per node
-    relay_bytes_per_message_per_node: float
+    relay_bytes_per_message_per_node: float  # bytes of relays and of anti-entropy (/sync*: asked and answered)
     delivery: float  # of packet copies the reachable honest nodes should hold, the share they hold
     latency_median: float  # seconds from the post until a node holds the packet (every node, every packet)
     latency_max: float
@@ -475,17 +475,17 @@ class FloodFigures:
 
 
 def simulate_flooding(condition: str, nodes: int = 25, broadcasts: int = 20, *, loss: float = 0.0,
-                      dropper: bool = False, seed: int = 0) -> FloodFigures:
-    "Flood `broadcasts` packets (one a second) through `nodes` real mesh nodes on a simulated 100 ms network."
+                      dropper: bool = False, seed: int = 0, mesh=None) -> FloodFigures:
+    "Broadcast `broadcasts` packets (one a second) through `nodes` real mesh nodes on a simulated 100 ms network."
     from bubble_ref.audit import misbehave
-    from bubble_ref.mesh import build_topology, open_mesh_node
+    from bubble_ref.mesh import MeshConfig, build_topology, open_mesh_node
     from bubble_ref.sim import SimNetwork, sim_keys
 
     links = build_topology(nodes, "random", degree=4, seed=seed)
     hub = max(range(nodes), key=lambda v: (len(links[v]), -v)) if dropper else None
 
     def build(data_dir, *, host_index, **kwargs):
-        node = open_mesh_node(data_dir, **kwargs)
+        node = open_mesh_node(data_dir, mesh=mesh or MeshConfig(), **kwargs)
         if host_index == hub:
             misbehave(node.roles["broadcast"], node.roles["sync"], "drop")
         return node
@@ -500,7 +500,9 @@ def simulate_flooding(condition: str, nodes: int = 25, broadcasts: int = 20, *, 
                     net.link(f"n{i}", f"n{j}")
         net.start()
         net.run(seconds=12)  # peers resolved, a directory round done
-        started, cpu, sent_before = net.now, time.process_time(), net.bytes_sent["POST /relay"]
+        mesh_bytes = lambda: net.bytes_sent["POST /relay"] + sum(
+            n for counter in (net.bytes_sent, net.bytes_answered) for what, n in counter.items() if "/sync" in what)
+        started, cpu, sent_before = net.now, time.process_time(), mesh_bytes()
         posted = {}
         for b in range(broadcasts):
             origin = next(f"n{(b + k) % nodes}" for k in range(nodes) if (b + k) % nodes != hub)
@@ -514,7 +516,7 @@ def simulate_flooding(condition: str, nodes: int = 25, broadcasts: int = 20, *, 
                      if (arrived := net.hosts[name].node.roles["broadcast"].arrival(packet_id)) is not None]
         requests_ = [e for e in net.trace if e.at >= started and e.kind == "request"]
         relays = sum(e.what == "POST /relay" for e in requests_)
-        relay_bytes = net.bytes_sent["POST /relay"] - sent_before
+        relay_bytes = mesh_bytes() - sent_before
         elapsed = net.now - started
     per = broadcasts * nodes
     return FloodFigures(condition, nodes, broadcasts, relays / per, relay_bytes / per,
@@ -585,14 +587,18 @@ class MeshBench:
 
 
 def bench_mesh(nodes: int = 25, broadcasts: int = 20, live_messages: int = 50, live_nodes: int = 5) -> MeshBench:
-    "Flooding on the real classes (simulated: clean, a silent dropper, 10% loss), a real line, and the models."
+    "Broadcast on the real classes (simulated: 1.1's flooding, 1.2 clean, a dropper, 10% loss), a real line, models."
     from bubble_ref import strategies
 
     if nodes < 3 or broadcasts < 1 or live_messages < 2 or live_nodes < 2:
         raise ValueError("need at least 3 nodes, 1 broadcast, 2 live messages and 2 live nodes")
-    simulated = [simulate_flooding("clean network", nodes, broadcasts),
-                 simulate_flooding("one silent dropper (the busiest node)", nodes, broadcasts, dropper=True),
-                 simulate_flooding("10% of requests and answers lost", nodes, broadcasts, loss=0.1)]
+    from bubble_ref.mesh import MeshConfig
+
+    flood = MeshConfig(plumtree=False, directory_fanout=None)  # 1.1: relay to every peer, ask every server's list
+    simulated = [simulate_flooding("1.1 flooding: clean network", nodes, broadcasts, mesh=flood),
+                 simulate_flooding("1.2 (plumtree, ids): clean network", nodes, broadcasts),
+                 simulate_flooding("1.2: one silent dropper (busiest node)", nodes, broadcasts, dropper=True),
+                 simulate_flooding("1.2: 10% of requests and answers lost", nodes, broadcasts, loss=0.1)]
     settings = dict(n=nodes, latency=0.1, broadcasts=100, degree=4, seed=0)
     models = {"clean network": strategies.compare(**settings),
               "one silently dropping node": strategies.compare(droppers=1, **settings),
@@ -636,10 +642,11 @@ class MonitoringBench:
     colluders: int
     coups: int  # runs in which a colluding minority got its victim blacklisted by an honest node
     seconds: float
-    simulated: float  # simulated seconds per run: 200 of traffic and faults, then the settle time
+    simulated: float  # simulated seconds per run: `traffic` (200 by default), then `settle`
 
 
-def monitoring_scenario(seed: int, nodes: int, loss: float, kind: str, settle: float = 600.0):
+def monitoring_scenario(seed: int, nodes: int, loss: float, kind: str, settle: float = 600.0,
+                        traffic: float = 200.0):
     "A swarm scenario for the benchmark: droppers ('silent' and 'selective' together) or a colluding minority."
     from bubble_ref.mesh import build_topology
     from bubble_ref.swarm import Scenario
@@ -655,11 +662,13 @@ def monitoring_scenario(seed: int, nodes: int, loss: float, kind: str, settle: f
         victim, *gang = rng.sample(names, 1 + (nodes - 1) // 2)  # the largest minority of the others
         for name in gang:
             behaviour[name] = "collude"
-    traffic = tuple((5.0 + 10 * k, rng.choice([n for n in names if behaviour[n] == "honest"]), k % 8) for k in range(20))
-    return Scenario(seed, names, links, behaviour, victim, loss, (), (), (), traffic, 200.0, settle)
+    posts = tuple((5.0 + 10 * k, rng.choice([n for n in names if behaviour[n] == "honest"]), k % 8)
+                  for k in range(20) if 5.0 + 10 * k < traffic)
+    return Scenario(seed, names, links, behaviour, victim, loss, (), (), (), posts, traffic, traffic + settle)
 
 
-def bench_monitoring(seeds: int = 5, nodes: int = 15, loss: float = 0.1, settle: float = 600.0) -> MonitoringBench:
+def bench_monitoring(seeds: int = 5, nodes: int = 15, loss: float = 0.1, settle: float = 600.0, *,
+                     first: int = 0, traffic: float = 200.0) -> MonitoringBench:
     "Droppers and colluders on `seeds` simulated meshes of `nodes` full nodes each (the real classes)."
     from bubble_ref.swarm import run_scenario
 
@@ -667,9 +676,9 @@ def bench_monitoring(seeds: int = 5, nodes: int = 15, loss: float = 0.1, settle:
         raise ValueError("need at least 1 seed, 5 nodes, a loss rate in [0, 1) and a settle time of at least 0")
     started = time.perf_counter()
     silent, selective, wrong, coups, gang = [], [], 0, 0, 0
-    for seed in range(seeds):
+    for seed in range(first, first + seeds):
         for kind in ("droppers", "colluders"):
-            scenario = monitoring_scenario(seed, nodes, loss, kind, settle)
+            scenario = monitoring_scenario(seed, nodes, loss, kind, settle, traffic)
             run = run_scenario(scenario)
             honest = scenario.honest
             wrong += sum(1 for _, judge, about, d in run.decisions
@@ -684,7 +693,7 @@ def bench_monitoring(seeds: int = 5, nodes: int = 15, loss: float = 0.1, settle:
                 caught = max(firsts) if all(t is not None for t in firsts) else None
                 (silent if scenario.behaviour[name] == "drop" else selective).append(caught)
     return MonitoringBench(seeds, nodes, loss, silent, selective, wrong, gang, coups, time.perf_counter() - started,
-                           scenario.faults_end + scenario.settle)
+                           scenario.settle)  # the run ends at the scenario's `settle` time: traffic + settle
 
 
 def format_monitoring_bench(result: MonitoringBench) -> str:

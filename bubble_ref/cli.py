@@ -108,7 +108,7 @@ def _demo_steps(urls: dict[str, str], running: dict, say: Callable[..., None], r
     say("   It cannot read the content, cannot see the sender, cannot check the signature.")
     for n in DEMO_NODES:
         _wait_for(f"{urls[n]}/trace/{item['packet_id']}", headers=operator(n))
-    say("   The mesh floods it, one signed relay per link:")
+    say("   The mesh relays it, one signed relay per link (a line is its own broadcast tree):")
     for n in DEMO_NODES:
         trace = requests.get(f"{urls[n]}/trace/{item['packet_id']}", headers=operator(n), timeout=10).json()
         source = "from Alice" if trace["from"] is None else "relayed by " + next(
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("demo", help="a short tour against a 3-node mesh it starts and stops itself",
                         description="Start a 3-node mesh (A — B — C) on free loopback ports; Alice and Bob "
-                                    "pick TX and RX servers by load; Alice's sealed message is flooded hop by "
+                                    "pick TX and RX servers by load; Alice's sealed message is relayed hop by "
                                     "hop and Bob opens it; a forged signature is refused; the nodes are "
                                     "stopped. Uses only 127.0.0.1.")
     _add_node_parser(commands)
@@ -464,11 +464,12 @@ def _add_bench_parser(commands) -> None:
     store_bench.add_argument("--recipients", type=int, default=10_000, help="recipients (default: 10000)")
     store_bench.add_argument("--fetches", type=int, default=1000, help="fetches to time (default: 1000)")
     store_bench.add_argument("--dir", default=None, help="where to put the temporary database (default: system temp)")
-    mesh_bench = targets.add_parser("mesh", help="flooding on the real classes, simulated and live; the models beside",
-                                    description="Flood packets through N real nodes in the simulator (clean, one "
-                                                "silent dropper, 10% loss): payload sends per message per node, "
-                                                "delivery and latency; then POST-to-retrievable across a real line "
-                                                "of node processes; and, labelled as models, the strategy lab.")
+    mesh_bench = targets.add_parser("mesh", help="1.1 flooding vs 1.2's tree on the real classes, simulated and live",
+                                    description="Broadcast packets through N real nodes in the simulator (1.1's "
+                                                "flooding, then 1.2's tree clean, with one silent dropper, at 10% "
+                                                "loss): relays and bytes per message per node, delivery, latency, "
+                                                "background requests and CPU; then POST-to-retrievable across a real "
+                                                "line of node processes; and, labelled as models, the strategy lab.")
     mesh_bench.add_argument("--nodes", type=int, default=25, help="simulated real nodes (default: 25)")
     mesh_bench.add_argument("--broadcasts", type=int, default=20, help="packets per simulated condition (default: 20)")
     mesh_bench.add_argument("--live-messages", type=int, default=50, help="packets sent along the real line (default: 50)")

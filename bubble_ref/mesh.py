@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,17 +19,17 @@ from .envelope import MalformedPacket, check_packet
 from bubble_ref.node import (
     After, Call, MailboxService, Node, NodeConfig, NodeError, PacketStored, PacketStoring, Reply, Request, Route,
     Swept)
-from bubble_ref.packets import (
-    PacketError, Relay, ServerListRequest, ServerListResponse, SyncRequest, format_timestamp, parse_json,
-    parse_timestamp)
+from .packets import (
+    PacketError, Relay, ServerListRequest, ServerListResponse, SyncFetch, SyncRequest, format_timestamp,
+    parse_json, parse_timestamp)
 from .store import from_millis, to_millis
 
 # %% auto #0
 __all__ = ['HOP_LIMIT', 'URL_POLICIES', 'PEERS_SCHEMA', 'BROADCAST_SCHEMA', 'SYNC_SCHEMA', 'canonical_bytes', 'sign_body',
            'verify_body', 'sign_relay', 'Server', 'MeshConfig', 'address_class', 'url_refusal', 'RelayReceived',
-           'RelaySent', 'ServerListed', 'PeerResolved', 'verify_server_list', 'Peers', 'Broadcast', 'AntiEntropy',
-           'MeshRoles', 'add_mesh_roles', 'open_mesh_node', 'line_topology', 'build_topology', 'draw_topology',
-           'free_port', 'wait_for_peers', 'start_local_mesh']
+           'RelaySent', 'ServerListed', 'PeerResolved', 'Grafted', 'verify_server_list', 'Peers', 'protocol_version',
+           'Broadcast', 'AntiEntropy', 'sync_item', 'MeshRoles', 'add_mesh_roles', 'open_mesh_node', 'line_topology',
+           'build_topology', 'draw_topology', 'free_port', 'wait_for_peers', 'start_local_mesh']
 
 # %% ../notebooks/06_mesh.ipynb #64c734c5
 HOP_LIMIT = 16
@@ -84,9 +85,12 @@ class MeshConfig:
     sync_pages: int = 20  # pages per reconciliation round, then the next round
     sync_page_bytes: int = 512 * 1024  # a sync answer holds packets up to this many bytes (at least one)
     sync_reflood_age: timedelta = timedelta(minutes=10)  # a packet learned by sync this young is flooded on
+    sync_fetch_ids: int = 64  # packets asked for in one POST /sync/fetch (the schema's maximum)
     relay_window: int = 8  # relays in flight to one peer at a time
+    plumtree: bool = True  # stop relaying to a peer that had a packet already (1.2); False: flood to every peer (1.1)
     resolve_retry: timedelta = timedelta(milliseconds=500)  # first wait before asking a silent peer again
-    directory_interval: timedelta = timedelta(seconds=10)  # how often to ask known servers for their lists
+    directory_interval: timedelta = timedelta(seconds=10)  # how often to ask servers for their lists ...
+    directory_fanout: int | None = 4  # ... the peers and this many others (None: every known server, as in 1.1)
     list_cache: timedelta = timedelta(seconds=5)  # a signed server list is reused this long (if nothing changed)
     discover: bool = False  # add servers learned from peers' server lists as peers
     max_peers: int = 16
@@ -160,6 +164,12 @@ class PeerResolved:
     "A configured peer answered its /status; its key is pinned now."
     server: Server
 
+
+@dataclass(frozen=True)
+class Grafted:
+    "Packets crossed the link to `server_id` by /sync/fetch: one side lacked them, so the link is in the tree again."
+    server_id: str
+
 # %% ../notebooks/06_mesh.ipynb #d518accb
 def verify_server_list(answer: Any, responder_key: PublicKey | None = None) -> list[Server]:
     "Check a signed server list; its entries, or NodeError(400, 'bad_server_list', why)."
@@ -214,6 +224,8 @@ class Peers:
         self.urls: tuple[str, ...] = tuple(dict.fromkeys(p.rstrip("/") for p in peers))
         self.pinned: dict[str, Server] = {}  # url -> server, for the peers that answered
         self.peers_of: dict[str, tuple[str, ...]] = {}  # server id -> the servers its own signed list names
+        self.protocols: dict[str, tuple[int, int]] = {}  # peer url -> the protocol version its /status announced
+        self._asked: dict[str, datetime] = {}  # server id -> when a directory round last asked it for its list
         self.policies: list[Callable[[str], str | None]] = []  # server id -> why we refuse it, or None
         self._retry: dict[str, timedelta] = {}
         self._signed_list: tuple | None = None  # (entries, when, signed answer): one signature serves a few seconds
@@ -310,8 +322,25 @@ def learn_peer(self: Peers, url: str, status: Any) -> Server:
         raise NodeError(400, "peer_key_changed", f"{url} now presents key {key.id[:16]}…, but we pinned "
                                                  f"{pinned.server_id[:16]}…; refusing it")
     server = self.pinned[url] = Server(key.id, url, key)
+    self.protocols[url] = protocol_version(status.get("protocol"))
     self.remember(server, listed_by=None, verified=True)
     return server
+
+
+def protocol_version(announced: Any) -> tuple[int, int]:
+    "(MAJOR, MINOR) of a /status `protocol` field; a node that announces none (or nonsense) speaks 1.0 (§20)."
+    if isinstance(announced, str) and len(announced) <= 16:
+        major, _, minor = announced.partition(".")
+        if major.isdecimal() and minor.isdecimal():
+            return int(major), int(minor)
+    return 1, 0
+
+
+@patch
+def speaks(self: Peers, url: str, version: tuple[int, int]) -> bool:
+    "Did the peer at `url` announce this protocol version or a later MINOR of it? (Only then use what it added.)"
+    announced = self.protocols.get(url, (1, 0))
+    return announced[0] == version[0] and announced[1] >= version[1]
 
 
 @patch
@@ -401,8 +430,36 @@ def on_timer(self: Peers, tag: tuple) -> list:
         return [] if url in self.pinned else [Call("GET", f"{url}/status", tag=(self.name, "status", url), timeout=5.0)]
     request = ServerListRequest(requester_id=self.node.id, timestamp=format_timestamp(self.node.clock())).to_dict()
     calls = [Call("POST", f"{server.url}/servers", request, tag=(self.name, "list", server.server_id), timeout=10.0)
-             for server in self.directory().values() if self.refusal(server.server_id) is None]
+             for server in self.directory_round()]
     return [*calls, After(self.mesh.directory_interval, (self.name, "directory"))]
+
+
+@patch
+def directory_round(self: Peers) -> list[Server]:
+    """Whom this round asks for a list: every peer, and the `directory_fanout` other servers asked longest ago
+    (never asked first), so each known server is asked once every ceil(others / fanout) rounds."""
+    usable = {sid: s for sid, s in self.directory().items() if self.refusal(sid) is None}
+    if self.mesh.directory_fanout is None:
+        return list(usable.values())  # 1.1's round: everyone, every time (N² requests across the mesh)
+    peers = sorted({s.server_id for s in self.pinned.values()} & usable.keys())
+    never = datetime.min.replace(tzinfo=self.node.clock().tzinfo)
+    others = sorted((sid for sid in usable if sid not in peers), key=lambda sid: (self._asked.get(sid, never), sid))
+    chosen = [usable[sid] for sid in peers + others[:self.mesh.directory_fanout]]
+    now = self.node.clock()
+    for server in chosen:
+        self._asked[server.server_id] = now
+    return chosen
+
+
+@patch
+def verification_window(self: Peers, minimum: timedelta) -> timedelta:
+    """How long an answer keeps a server "verified lately" (the electorate, notebook 09c): at least `minimum`, and
+    at least two directory cycles, so that the round comes back to every server before its answer is too old."""
+    if self.mesh.directory_fanout is None:
+        return minimum
+    others = max(0, len(self.directory()) - len(self.pinned))
+    cycle = self.mesh.directory_interval * math.ceil(others / max(1, self.mesh.directory_fanout))
+    return max(minimum, 2 * cycle)
 
 
 @patch
@@ -486,12 +543,15 @@ class Broadcast:
         self.forwards: Callable[[Any], bool] = lambda row: True  # a misbehaving node (notebook 09) keeps some to itself
         self.in_flight: dict[str, set[bytes]] = {}  # peer url -> ids of the packets on their way to it
         self.wake_at: dict[str, datetime] = {}  # peer url -> when a timer will pump it
+        self.lazy: set[str] = set()  # peer urls off the tree: only packets posted here go to them (and come from them)
+        self.held_back: OrderedDict = OrderedDict()  # packet id -> hops, for copies that came off the tree
         self._signatures: OrderedDict = OrderedDict()
         node.db.executescript(BROADCAST_SCHEMA)
         node.on(PacketStoring, self.queue)
         node.on(PacketStored, lambda event: self.pump() if event.created else [])
         node.on(PeerResolved, lambda event: self.pump(event.server.url))
         node.on(Swept, self.prune)
+        node.on(Grafted, self.graft)
 
     def routes(self) -> list[Route]:
         return [Route("POST", "/relay", self.relay_in, json_body=True),
@@ -503,17 +563,28 @@ class Broadcast:
 # %% ../notebooks/06_mesh.ipynb #122b6fda
 @patch
 def queue(self: Broadcast, event: PacketStoring) -> None:
-    "Inside the packet's transaction: log how it came, and queue it for every peer but the sender."
+    "Inside the packet's transaction: log how it came, and queue it for the peers that should get it from us."
     row, db = event.row, event.db
     db.execute("INSERT OR REPLACE INTO relay_log (packet_id, received_at, hops, sender_id) VALUES (?, ?, ?, ?)",
                (bytes.fromhex(row.packet_id), to_millis(row.received_at), event.hops, event.came_from))
     if event.hops >= self.mesh.hop_limit or not self.forwards(row):
         return  # the packet has travelled as far as it may (or this node keeps it to itself)
     sender = self.peers.peer(event.came_from) if event.came_from else None
+    if sender is not None and sender.url in self.lazy:
+        self.held_back[row.packet_id] = event.hops  # an origin's copy off the tree: the tree's copy will follow
+        if len(self.held_back) > 10_000:
+            self.held_back.popitem(last=False)
+        return
+    self.enqueue(db, row.packet_id, event.hops + 1, sender.url if sender else None, everyone=event.came_from is None)
+
+
+@patch
+def enqueue(self: Broadcast, db, packet_id: str, hops: int, sender_url: str | None, everyone: bool) -> None:
+    "Queue a packet for the peers on the tree (`everyone`: all peers, for a packet posted here), not the sender."
     now = to_millis(self.node.clock())
     db.executemany("INSERT OR IGNORE INTO outbox (peer, packet_id, hops, next_attempt) VALUES (?, ?, ?, ?)",
-                   [(url, bytes.fromhex(row.packet_id), event.hops + 1, now) for url in self.peers.urls
-                    if (sender is None or url != sender.url) and self._may_send(url)])
+                   [(url, bytes.fromhex(packet_id), hops, now) for url in self.peers.urls
+                    if url != sender_url and (everyone or url not in self.lazy) and self._may_send(url)])
 
 
 @patch
@@ -597,6 +668,8 @@ def on_answer(self: Broadcast, tag: tuple, status: int | None, body: Any) -> lis
     else:
         db.execute("DELETE FROM outbox WHERE peer = ? AND packet_id = ?", (peer, packet_id))
         outcome = "delivered" if status < 400 else "declined"
+        if self.mesh.plumtree and status == 202 and isinstance(body, dict) and body.get("prune") is True:
+            self.lazy.add(peer)  # it had the packet already, by a tree link: this link is off the tree now
     actions = self.node.emit(RelaySent(server.server_id, packet_id.hex(), outcome)) if server else []
     return actions + self.pump(peer)
 
@@ -605,6 +678,15 @@ def on_answer(self: Broadcast, tag: tuple, status: int | None, body: Any) -> lis
 def on_timer(self: Broadcast, tag: tuple) -> list:
     self.wake_at.pop(tag[2], None)
     return self.pump(tag[2])
+
+
+@patch
+def graft(self: Broadcast, event: Grafted) -> list:
+    "A peer fetched what it lacked from us, or we from it: relay to it again (the tree broke somewhere)."
+    server = self.peers.peer(event.server_id)
+    if server is not None:
+        self.lazy.discard(server.url)
+    return []
 
 # %% ../notebooks/06_mesh.ipynb #f04e18d4
 @patch
@@ -635,8 +717,23 @@ def relay_in(self: Broadcast, request: Request) -> Reply:
     row, created, actions = self.service.accept(checked, expires_at=expires_at, came_from=sender.server_id,
                                                 hops=relay.hops)
     actions += node.emit(RelayReceived(sender.server_id, row.packet_id, "accepted"))
-    return Reply(202, {"packet_id": row.packet_id, "stored": created,
-                       "expires_at": format_timestamp(row.expires_at)}, tuple(actions))
+    answer = {"packet_id": row.packet_id, "stored": created, "expires_at": format_timestamp(row.expires_at)}
+    if not created and self.mesh.plumtree and sender.url not in self.lazy:
+        actions += self.on_tree_duplicate(row.packet_id, relay.hops, sender, answer)
+    return Reply(202, answer, tuple(actions))
+
+
+@patch
+def on_tree_duplicate(self: Broadcast, packet_id: str, hops: int, sender: Server, answer: dict) -> list:
+    """A copy we hold came again over a tree link. After an off-tree copy (held back), this is the tree's copy:
+    pass it on now. Otherwise the mesh has a cycle here: take this link off the tree (and tell the sender)."""
+    if self.held_back.pop(packet_id, None) is not None:
+        if hops < self.mesh.hop_limit:
+            self.enqueue(self.node.db, packet_id, hops + 1, sender.url, everyone=False)
+        return self.pump()
+    self.lazy.add(sender.url)
+    answer["prune"] = True
+    return []
 
 # %% ../notebooks/06_mesh.ipynb #e706f7da
 @patch
@@ -678,7 +775,7 @@ def outbox_size(self: Broadcast) -> int:
 
 @patch
 def operator_fields(self: Broadcast) -> dict:
-    return {"outbox": self.outbox_size()}  # moves with every packet: not for everyone's eyes
+    return {"outbox": self.outbox_size(), "lazy_peers": len(self.lazy)}  # they move with every packet: not for everyone's eyes
 
 
 @patch
@@ -698,7 +795,8 @@ CREATE TABLE IF NOT EXISTS sync_cursors (
 
 
 class AntiEntropy:
-    "Every sync_interval, ask one random peer for what it stored after our cursor; answer the same (POST /sync)."
+    """Every sync_interval, ask one random peer which packets it stored after our cursor (ids), and fetch the ones
+    we lack; answer the same (POST /sync/ids, /sync/fetch; and 1.1's POST /sync, whole packets)."""
 
     name = "sync"
 
@@ -708,21 +806,43 @@ class AntiEntropy:
         node.db.executescript(SYNC_SCHEMA)
 
     def routes(self) -> list[Route]:
-        return [Route("POST", "/sync", self.answer_sync, json_body=True)]
+        return [Route("POST", "/sync/ids", self.answer_ids, json_body=True),
+                Route("POST", "/sync/fetch", self.answer_fetch, json_body=True),
+                Route("POST", "/sync", self.answer_sync, json_body=True)]
 
     def start(self) -> list:
         return [After(self.mesh.sync_interval, (self.name, "round"))]
 
 # %% ../notebooks/06_mesh.ipynb #c882dcce
 @patch
+def since_request(self: AntiEntropy, peer: Server) -> dict:
+    "The signed request for what `peer` stored after the cursor we reached there."
+    row = self.node.db.execute("SELECT cursor FROM sync_cursors WHERE peer = ?", (peer.url,)).fetchone()
+    return sign_body(self.node.identity, SyncRequest(since=row[0] if row else "", sender_id=self.node.id,
+                                                     sent_at=format_timestamp(self.node.clock())).to_dict())
+
+
+@patch
+def request_ids(self: AntiEntropy, peer: Server, page: int) -> Call:
+    "Page `page` of the ids `peer` stored after our cursor (1.2)."
+    return Call("POST", f"{peer.url}/sync/ids", self.since_request(peer), tag=(self.name, "ids", peer.url, page),
+                timeout=30.0, max_bytes=64 * 1024)
+
+
+@patch
 def request_page(self: AntiEntropy, peer: Server, page: int) -> Call:
-    "The signed sync request for the page after our cursor at `peer`."
-    node = self.node
-    row = node.db.execute("SELECT cursor FROM sync_cursors WHERE peer = ?", (peer.url,)).fetchone()
-    body = sign_body(node.identity, SyncRequest(since=row[0] if row else "", sender_id=node.id,
-                                                sent_at=format_timestamp(node.clock())).to_dict())
-    return Call("POST", f"{peer.url}/sync", body, tag=(self.name, "page", peer.url, page), timeout=30.0,
-                max_bytes=2 * self.mesh.sync_page_bytes)
+    "Page `page` of the packets themselves, from a peer that announced protocol 1.1 (it has no /sync/ids)."
+    return Call("POST", f"{peer.url}/sync", self.since_request(peer), tag=(self.name, "page", peer.url, page),
+                timeout=30.0, max_bytes=2 * self.mesh.sync_page_bytes)
+
+
+@patch
+def request_packets(self: AntiEntropy, peer: Server, page: int, wanted: tuple[str, ...], cursor, more: bool) -> Call:
+    "Ask `peer` for the first `sync_fetch_ids` of `wanted`; the tag carries the rest of the round's state."
+    body = sign_body(self.node.identity, SyncFetch(ids=wanted[:self.mesh.sync_fetch_ids], sender_id=self.node.id,
+                                                   sent_at=format_timestamp(self.node.clock())).to_dict())
+    return Call("POST", f"{peer.url}/sync/fetch", body, tag=(self.name, "fetch", peer.url, page, wanted, cursor, more),
+                timeout=30.0, max_bytes=2 * self.mesh.sync_page_bytes)
 
 
 @patch
@@ -732,24 +852,86 @@ def on_timer(self: AntiEntropy, tag: tuple) -> list:
     usable = [s for s in sorted(self.peers.pinned.values(), key=lambda s: s.url)
               if self.peers.refusal(s.server_id) is None]
     if usable:
-        actions.append(self.request_page(self.node.rng.choice(usable), 0))
+        peer = self.node.rng.choice(usable)
+        actions.append(self.request_ids(peer, 0) if self.peers.speaks(peer.url, (1, 2)) else self.request_page(peer, 0))
     return actions
 
 # %% ../notebooks/06_mesh.ipynb #a08b1d34
 @patch
 def on_answer(self: AntiEntropy, tag: tuple, status: int | None, body: Any) -> list:
-    url, page = tag[2], tag[3]
+    kind, url = tag[1], tag[2]
     peer = self.peers.peer_at(url)
-    if peer is None or status != 200 or not isinstance(body, dict) or not isinstance(body.get("packets"), list):
-        return []
+    if peer is None or status != 200 or not isinstance(body, dict):
+        return []  # the cursor stays: the next round asks again from there
     if self.peers.refusal(peer.server_id) is not None:
         return []  # blacklisted while the answer was on its way: take nothing from it
+    if kind == "ids":
+        return self.on_ids(peer, tag[3], body)
+    if kind == "fetch":
+        return self.on_packets(peer, *tag[3:], body)
+    return self.on_page(peer, tag[3], body)
+
+
+@patch
+def on_ids(self: AntiEntropy, peer: Server, page: int, body: dict) -> list:
+    "A page of ids: fetch the ones we lack (unexpired, well formed), then move the cursor."
+    items, now, wanted = body.get("ids"), self.node.clock(), []
+    if not isinstance(items, list):
+        return []
+    for item in items[:self.node.config.page_size * 2]:
+        try:
+            packet_id, expires_at = item["packet_id"], parse_timestamp(item["expires_at"])
+        except (KeyError, TypeError, ValueError, PacketError):
+            continue
+        if (isinstance(packet_id, str) and len(packet_id) == 64 and all(c in "0123456789abcdef" for c in packet_id)
+                and expires_at > now and packet_id not in wanted and not self.node.mailbox.contains(packet_id)):
+            wanted.append(packet_id)
+    return self.fetch_next(peer, page, tuple(wanted), body.get("next_cursor"), body.get("more") is True)
+
+
+@patch
+def fetch_next(self: AntiEntropy, peer: Server, page: int, wanted: tuple[str, ...], cursor, more: bool) -> list:
+    "Fetch what is still wanted; when nothing is, keep the cursor and ask for the next page of ids."
+    if wanted:
+        return [self.request_packets(peer, page, wanted, cursor, more)]
+    self.advance(peer.url, cursor)
+    return [self.request_ids(peer, page + 1)] if more and page + 1 < self.mesh.sync_pages else []
+
+
+@patch
+def on_packets(self: AntiEntropy, peer: Server, page: int, wanted: tuple[str, ...], cursor, more: bool,
+               body: dict) -> list:
+    "Fetched packets: store the ones we asked for; ask again for those that did not fit (none came: skip them)."
+    asked = set(wanted[:self.mesh.sync_fetch_ids])
+    items = body.get("packets")
+    items = [i for i in items if isinstance(i, dict) and i.get("packet_id") in asked] if isinstance(items, list) else []
+    got = {i["packet_id"] for i in items}
+    rest = tuple(i for i in wanted if i not in got) if got else wanted[self.mesh.sync_fetch_ids:]
+    grafted = self.node.emit(Grafted(peer.server_id)) if got else []
+    return grafted + self.store_items(peer, items) + self.fetch_next(peer, page, rest, cursor, more)
+
+
+@patch
+def on_page(self: AntiEntropy, peer: Server, page: int, body: dict) -> list:
+    "A 1.1 page of whole packets: store them, move the cursor, ask for the next page."
+    if not isinstance(body.get("packets"), list):
+        return []
+    actions = self.store_items(peer, body["packets"])
+    self.advance(peer.url, body.get("next_cursor"))
+    if body.get("more") is True and page + 1 < self.mesh.sync_pages:
+        actions.append(self.request_page(peer, page + 1))
+    return actions
+
+
+@patch
+def store_items(self: AntiEntropy, peer: Server, items: list) -> list:
+    "Check each `{packet_id, expires_at, packet}` like a relay and store it (a young one is flooded on)."
     actions = []
-    for item in body["packets"]:
+    for item in items:
         try:
             checked = check_packet(item["packet"])
             expires_at = parse_timestamp(item["expires_at"])
-        except (MalformedPacket, KeyError, TypeError, ValueError):
+        except (MalformedPacket, KeyError, TypeError, ValueError, PacketError):
             continue
         if checked.id != item.get("packet_id") or expires_at <= self.node.clock():
             continue
@@ -758,32 +940,75 @@ def on_answer(self: AntiEntropy, tag: tuple, status: int | None, body: Any) -> l
         age = self.node.config.retention - (expires_at - self.node.clock())
         hops = 1 if age <= self.mesh.sync_reflood_age else self.mesh.hop_limit
         actions += self.service.accept(checked, expires_at=expires_at, came_from=peer.server_id, hops=hops)[2]
-    cursor = body.get("next_cursor")
+    return actions
+
+
+@patch
+def advance(self: AntiEntropy, url: str, cursor: Any) -> None:
+    "Keep the cursor a peer gave us (a short decimal string; anything else is ignored)."
     if isinstance(cursor, str) and cursor.isascii() and cursor.isdigit() and len(cursor) <= 18:
         self.node.db.execute("INSERT INTO sync_cursors (peer, cursor) VALUES (?, ?) "
                              "ON CONFLICT (peer) DO UPDATE SET cursor = excluded.cursor", (url, cursor))
-    if body.get("more") is True and page + 1 < self.mesh.sync_pages:
-        actions.append(self.request_page(peer, page + 1))
-    return actions
 
 # %% ../notebooks/06_mesh.ipynb #fb1a0548
 @patch
-def answer_sync(self: AntiEntropy, request: Request) -> Reply:
-    "POST /sync: a peer asks which packets we stored after its cursor; one page of them."
-    message, _, _ = self.peers.signed_request(SyncRequest, request.body)
-    node = self.node
-    if abs(node.clock() - parse_timestamp(message.sent_at)) > self.mesh.sync_window:
-        raise NodeError(403, "stale_request", f"the sync request was signed at {message.sent_at}, outside "
+def _fresh(self: AntiEntropy, sent_at: str, what: str) -> None:
+    if abs(self.node.clock() - parse_timestamp(sent_at)) > self.mesh.sync_window:
+        raise NodeError(403, "stale_request", f"the {what} was signed at {sent_at}, outside "
                                               f"the {int(self.mesh.sync_window.total_seconds())} s window")
-    page = node.mailbox.since(message.since or None)
+
+
+@patch
+def asked_since(self: AntiEntropy, request: Request) -> tuple[SyncRequest, Any]:
+    "Check a signed, fresh sync request from a peer: (the request, the page of our mailbox after its cursor)."
+    message, _, _ = self.peers.signed_request(SyncRequest, request.body)
+    self._fresh(message.sent_at, "sync request")
+    return message, self.node.mailbox.since(message.since or None)
+
+
+def sync_item(stored) -> dict:
+    "A stored packet as anti-entropy answers carry it: {packet_id, expires_at, packet}."
+    return {"packet_id": stored.packet_id, "expires_at": format_timestamp(stored.expires_at),
+            "packet": json.loads(stored.packet)}
+
+
+@patch
+def answer_ids(self: AntiEntropy, request: Request) -> Reply:
+    "POST /sync/ids: a peer asks which packets we stored after its cursor; one page of ids and expiries."
+    _, page = self.asked_since(request)
+    ids = [{"packet_id": p.packet_id, "expires_at": format_timestamp(p.expires_at)}
+           for p in page.packets if self.shares(p)]
+    return Reply(200, {"ids": ids, "next_cursor": page.next_cursor or "0", "more": page.more})
+
+
+@patch
+def answer_fetch(self: AntiEntropy, request: Request) -> Reply:
+    "POST /sync/fetch: a peer asks for packets by id; the ones we hold, up to sync_page_bytes. It is grafted."
+    message, _, sender = self.peers.signed_request(SyncFetch, request.body)
+    self._fresh(message.sent_at, "sync fetch")
+    items, size = [], 0
+    for packet_id in message.ids:
+        stored = self.node.mailbox.get(packet_id)
+        if stored is None or not self.shares(stored):
+            continue
+        if items and size + len(stored.packet) > self.mesh.sync_page_bytes:
+            break  # the peer asks again for the rest
+        items.append(sync_item(stored))
+        size += len(stored.packet)
+    return Reply(200, {"packets": items}, tuple(self.node.emit(Grafted(sender.server_id))))
+
+
+@patch
+def answer_sync(self: AntiEntropy, request: Request) -> Reply:
+    "POST /sync (1.1): a peer asks which packets we stored after its cursor; one page of them, whole."
+    message, page = self.asked_since(request)
     items, size, cursor, more = [], 0, page.next_cursor if not page.packets else message.since, page.more
     for p in page.packets:
         if items and size + len(p.packet) > self.mesh.sync_page_bytes:
             more = True  # the rest on the next page
             break
         if self.shares(p):
-            items.append({"packet_id": p.packet_id, "expires_at": format_timestamp(p.expires_at),
-                          "packet": json.loads(p.packet)})
+            items.append(sync_item(p))
             size += len(p.packet)
         cursor = p.cursor
     return Reply(200, {"packets": items, "next_cursor": cursor or "0", "more": more})

@@ -124,7 +124,7 @@ class Route:
 
 # %% ../notebooks/05a_node.ipynb #5d70b41f
 PROOF_MODES = ("spec", "hardened")
-PROTOCOL_VERSION = "1.1"  # the wire protocol this node speaks, MAJOR.MINOR (PROTOCOL.md §20), shown in /status
+PROTOCOL_VERSION = "1.2"  # the wire protocol this node speaks, MAJOR.MINOR (PROTOCOL.md §20), shown in /status
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ __all__ = ['Clock', 'FORMATS', 'FORMAT_NAMES', 'SCHEMA_BASE', 'MAX_PACKET_BYTES'
            'compiled_validator_for', 'describe_rule', 'check_compiled', 'validate_dict', 'json_shape_limits',
            'parse_json', 'Packet', 'ClientMessagePacket', 'InnerMessage', 'EncryptedSignature', 'RetrievalPacket',
            'MisbehaviorReport', 'QuorumDecision', 'ServerListRequest', 'ServerListResponse', 'SignedContent',
-           'SignedMessage', 'Relay', 'SyncRequest', 'VoteRequest', 'Vote']
+           'SignedMessage', 'Relay', 'SyncRequest', 'SyncFetch', 'VoteRequest', 'Vote']
 
 # %% ../notebooks/01_packets.ipynb #bfbc92af
 class PacketError(ValueError):
@@ -165,7 +165,7 @@ def validator_for(name: str):
 _SAME_IN_DRAFT_7_AND_2020_12 = {
     "$schema", "$id", "$defs", "title", "description", "type", "properties", "required",
     "additionalProperties", "minLength", "maxLength", "pattern", "format", "const", "enum",
-    "propertyNames", "maxProperties", "maxItems", "uniqueItems", "items", "minimum", "maximum"}
+    "propertyNames", "maxProperties", "minItems", "maxItems", "uniqueItems", "items", "minimum", "maximum"}
 
 
 def _keywords(node: Any, inside_properties: bool = False) -> set[str]:
@@ -558,6 +558,25 @@ class SyncRequest(Packet):
 
 
 @dataclass(frozen=True)
+class SyncFetch(Packet):
+    "POST /sync/fetch (1.2): a peer asks for packets by id, the ones a /sync/ids page named that it lacks."
+    ids: tuple[str, ...]
+    sender_id: str
+    sent_at: str
+    signature: str | None = None
+    type: str = "sync_fetch"
+    schema: ClassVar[str] = "sync_fetch"
+
+    def to_dict(self) -> dict:
+        data = {"ids": list(self.ids), "sender_id": self.sender_id, "sent_at": self.sent_at, "type": self.type}
+        return data if self.signature is None else {**data, "signature": self.signature}
+
+    @classmethod
+    def _build(cls, data: dict) -> "SyncFetch":
+        return cls(**{**data, "ids": tuple(data["ids"])})
+
+
+@dataclass(frozen=True)
 class VoteRequest(Packet):
     "POST /votes: a server asks another for its vote on `proposal` about `reported_server_id`."
     reported_server_id: str
@@ -581,4 +600,4 @@ class Vote(Packet):
     schema: ClassVar[str] = "vote"
 
 
-SERVER_MESSAGE_TYPES: tuple[type[Packet], ...] = (Relay, SyncRequest, VoteRequest, Vote)
+SERVER_MESSAGE_TYPES: tuple[type[Packet], ...] = (Relay, SyncRequest, SyncFetch, VoteRequest, Vote)

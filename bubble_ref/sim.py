@@ -121,6 +121,7 @@ class SimNetwork:
         self.events = 0
         self.bugs: list[str] = []
         self.bytes_sent: Counter = Counter()  # request body bytes put on the wire, by "METHOD /path"
+        self.bytes_answered: Counter = Counter()  # answer body bytes, by the request's "METHOD /path"
         self.trace: list[Event] | None = [] if trace else None
         self.partitioned = False
         self._keys = list(range(64))
@@ -295,6 +296,7 @@ def _arrive(self: SimNetwork, src: Host, incarnation: int, dst: Host, dst_incarn
     self._perform(dst, reply.actions)
     raw = body_bytes(reply.body)
     answer, size = json.loads(raw), len(raw)  # what the caller gets is bytes, parsed again
+    self.bytes_answered[what] += size
     back = self._delay(src, dst)
     lost = src.group != dst.group or (self.loss and self.rng.random() < self.loss) or size > call.max_bytes
     if lost or (self.now + back) - sent > call.timeout:

@@ -41,36 +41,100 @@ def post(node, alice, bob, text):
     return reply.body["packet_id"]
 
 
+SYNC_PATHS = ("/sync/ids", "/sync/fetch", "/sync")
+
+
 def sync_round(asker, answerer):
-    """One reconciliation round of `asker` with its only usable peer `answerer`, page after page as the asker asks
-    for them: (packets stored per page, answers, the asker's other actions)."""
+    """One reconciliation round of `asker` with its only usable peer `answerer`, request after request as the asker
+    makes them (1.2: ids pages and fetches; 1.1: whole pages): (packets stored per request, answers, the asker's
+    other actions). (The answers' schemas are checked on a real node in tests/test_openapi_full.py.)"""
     actions = asker.on_timer(ROUND)
     assert actions[0] == After(asker.roles["sync"].mesh.sync_interval, ROUND), "the next round is always planned"
-    pending, new, answers, others = calls(actions, "/sync"), [], [], []
+    pending = [c for path in SYNC_PATHS for c in calls(actions, path)]
+    new, answers, others = [], [], []
     while pending:
         call = pending.pop(0)
-        assert call.url == f"{answerer.url}/sync"
+        path = call.url.removeprefix(answerer.url)
+        assert path in SYNC_PATHS, call.url
         before = asker.mailbox.count()
-        reply = ask(answerer, "POST /sync", call.body)
+        reply = ask(answerer, f"POST {path}", call.body)
         assert reply.status == 200, reply
-        answers.append(reply.body)
+        answers.append((path, reply.body))
         followups = asker.on_answer(call.tag, reply.status, json.loads(json.dumps(reply.body)))
         new.append(asker.mailbox.count() - before)
-        pending += calls(followups, "/sync")
+        pending += [c for p in SYNC_PATHS for c in calls(followups, p)]
         others += [a for a in followups if a not in pending]
     return new, answers, others
 
 
-def test_a_node_pulls_what_it_lacks_page_by_page(pair, alice, bob):
+def give(node, other, packet_id):
+    "Store in `node` a copy of a packet `other` holds (as if it had come by another way)."
+    stored = other.mailbox.get(packet_id)
+    node.roles["sync"].service.accept(check_packet(json.loads(stored.packet)), expires_at=stored.expires_at)
+
+
+def speaks_1_1(node, url):
+    "Make `node` believe the peer at `url` announced protocol 1.1 (no /sync/ids, no /sync/fetch)."
+    node.roles["peers"].protocols[url] = (1, 1)
+
+
+def test_a_node_lists_ids_then_fetches_only_what_it_lacks(pair, alice, bob):
     a, b, clock = pair
-    ids = {post(a, alice, bob, f"message {i}") for i in range(5)}
+    ids = [post(a, alice, bob, f"message {i}") for i in range(5)]
     a.db.execute("DELETE FROM outbox")  # as if flooding to B had been lost
+    give(b, a, ids[1])
     new, answers, _ = sync_round(b, a)
-    assert new == [3, 2] and [len(x["packets"]) for x in answers] == [3, 2]  # A's pages hold 3
-    assert [x["more"] for x in answers] == [True, False]
+    assert [path for path, _ in answers] == ["/sync/ids", "/sync/fetch", "/sync/ids", "/sync/fetch"]
+    assert [len(x["ids"]) for path, x in answers if path == "/sync/ids"] == [3, 2]  # A's pages hold 3
+    assert [[p["packet_id"] for p in x["packets"]] for path, x in answers if path == "/sync/fetch"] == [
+        [ids[0], ids[2]], [ids[3], ids[4]]], "B fetched only what it lacked"
+    assert new == [0, 2, 0, 2]
+    assert {p.packet_id for p in b.mailbox.since().packets} == set(ids)
+    new, answers, _ = sync_round(b, a)
+    assert answers == [("/sync/ids", {"ids": [], "next_cursor": answers[0][1]["next_cursor"], "more": False})]
+
+
+def test_nothing_lacking_means_no_fetch(pair, alice, bob):
+    a, b, clock = pair
+    posted = ask(a, "POST /messages", seal(alice, bob.public.b64, "flooded normally").to_json())
+    relay = calls(posted.actions, "/relay")[0]
+    assert ask(b, "POST /relay", relay.body).status == 202
+    new, answers, _ = sync_round(b, a)
+    assert [path for path, _ in answers] == ["/sync/ids"] and new == [0]
+
+
+def test_a_1_1_peer_is_asked_for_whole_pages(pair, alice, bob):
+    "A peer that announced 1.1 has no /sync/ids: the node asks it the 1.1 way (PROTOCOL §20)."
+    a, b, clock = pair
+    speaks_1_1(b, A_URL)
+    ids = {post(a, alice, bob, f"message {i}") for i in range(5)}
+    a.db.execute("DELETE FROM outbox")
+    new, answers, _ = sync_round(b, a)
+    assert [path for path, _ in answers] == ["/sync", "/sync"]
+    assert new == [3, 2] and [len(x["packets"]) for _, x in answers] == [3, 2]  # A's pages hold 3
+    assert [x["more"] for _, x in answers] == [True, False]
     assert {p.packet_id for p in b.mailbox.since().packets} == ids
     new, answers, _ = sync_round(b, a)
-    assert new == [0] and answers[0]["packets"] == []  # the cursor remembers where B stopped
+    assert new == [0] and answers[0][1]["packets"] == []  # the cursor remembers where B stopped
+
+
+def test_fetching_grafts_the_asker_back_into_the_tree(pair, alice, bob):
+    "A peer that had to fetch from us gets our relays again (Plumtree's graft), after a duplicate pruned it."
+    a, b, clock = pair
+    broadcast = a.roles["broadcast"]
+    posted = ask(a, "POST /messages", seal(alice, bob.public.b64, "one").to_json())
+    give(b, a, posted.body["packet_id"])
+    relay = calls(posted.actions, "/relay")[0]
+    answer = ask(b, "POST /relay", relay.body)
+    assert answer.body["stored"] is False and answer.body["prune"] is True
+    assert b.roles["broadcast"].lazy == {A_URL}, "B had it already: the link is off B's tree ..."
+    a.on_answer(relay.tag, answer.status, answer.body)
+    assert broadcast.lazy == {B_URL}, "... and off A's: A relays to it no more"
+    a.db.execute("DELETE FROM outbox")
+    post(a, alice, bob, "two")
+    a.db.execute("DELETE FROM outbox")
+    sync_round(b, a)
+    assert broadcast.lazy == set() == b.roles["broadcast"].lazy, "B fetched what it lacked from A: back on the tree"
 
 
 def test_young_packets_learned_by_sync_are_flooded_on_and_old_ones_only_kept(pair, alice, bob):
@@ -88,7 +152,7 @@ def test_young_packets_learned_by_sync_are_flooded_on_and_old_ones_only_kept(pai
     a.db.execute("DELETE FROM outbox")
     clock.advance(MeshConfig().sync_reflood_age + timedelta(seconds=1))
     new, _, actions = sync_round(b, a)
-    assert new == [1] and b.mailbox.contains(old)
+    assert new == [0, 1] and b.mailbox.contains(old)
     assert b.roles["broadcast"].outbox_size() == 0 and calls(actions, "/relay") == []
     assert ask(b, f"GET /trace/{old}", token=b.operator_token).body["from"] == a.id
 
@@ -113,15 +177,28 @@ def test_only_known_servers_may_ask_and_only_with_a_fresh_signed_request(pair):
     assert_refused(ask(a, "POST /sync", body), 403, "unknown_server")
     forged = {**body, "sender_id": b.id}
     assert_refused(ask(a, "POST /sync", forged), 403, "bad_signature")
-    old = calls(b.on_timer(ROUND), "/sync")[0].body
-    assert ask(a, "POST /sync", old).status == 200
+    old = calls(b.on_timer(ROUND), "/sync/ids")[0].body
+    for path in ("/sync", "/sync/ids"):
+        assert_refused(ask(a, f"POST {path}", body), 403, "unknown_server")
+        assert_refused(ask(a, f"POST {path}", forged), 403, "bad_signature")
+        assert ask(a, f"POST {path}", old).status == 200
+    fetch = sign_body(b.identity, {"type": "sync_fetch", "ids": ["0" * 64], "sender_id": b.id,
+                                   "sent_at": format_timestamp(clock())})
+    assert ask(a, "POST /sync/fetch", fetch).body == {"packets": []}, "nothing held by that id"
+    assert_refused(ask(a, "POST /sync/fetch", {**fetch, "ids": ["1" * 64]}), 403, "bad_signature")
+    assert_refused(ask(a, "POST /sync/fetch", sign_body(stranger, {**fetch, "sender_id": stranger.id})),
+                   403, "unknown_server")
+    too_many = sign_body(b.identity, {**fetch, "ids": [f"{i:064x}" for i in range(65)]})
+    assert_refused(ask(a, "POST /sync/fetch", too_many), 400, "invalid_packet")
     clock.advance(timedelta(minutes=6))
-    assert_refused(ask(a, "POST /sync", old), 403, "stale_request")
+    for path, request in (("/sync", old), ("/sync/ids", old), ("/sync/fetch", fetch)):
+        assert_refused(ask(a, f"POST {path}", request), 403, "stale_request")
     assert_refused(ask(a, "POST /sync", {**old, "since": "abc"}), 400, "invalid_packet")
 
 
-def test_a_sync_answer_is_bounded_in_bytes(tmp_path, alice, bob):
-    "A page holds packets up to sync_page_bytes (at least one), and says there is more."
+@pytest.mark.parametrize("protocol", ["1.2", "1.1"])
+def test_a_sync_answer_is_bounded_in_bytes(tmp_path, alice, bob, protocol):
+    "A fetch (1.2) or a page (1.1) holds packets up to sync_page_bytes (at least one); the asker asks on for the rest."
     clock = ManualClock()
     a = open_mesh_node(tmp_path / "a", peers=(B_URL,), clock=clock, rng=random.Random(1),
                        mesh=MeshConfig(sync_page_bytes=5000))
@@ -130,13 +207,20 @@ def test_a_sync_answer_is_bounded_in_bytes(tmp_path, alice, bob):
     try:
         pin(a, B_URL, b)
         pin(b, A_URL, a)
+        if protocol == "1.1":
+            speaks_1_1(b, A_URL)
         for i in range(4):
             post(a, alice, bob, f"{i}" * 2000)
         sizes = [len(p.packet) for p in a.mailbox.since().packets]
         per_page = max(1, 5000 // sizes[0])
         new, answers, _ = sync_round(b, a)
-        assert all(len(x["packets"]) <= per_page for x in answers) and sum(new) == 4
-        assert all(x["more"] for x in answers[:-1]) and not answers[-1]["more"]
+        assert sum(new) == 4
+        if protocol == "1.2":
+            fetched = [x["packets"] for path, x in answers if path == "/sync/fetch"]
+            assert all(1 <= len(x) <= per_page for x in fetched) and len(fetched) > 1
+        else:
+            assert all(len(x["packets"]) <= per_page for _, x in answers)
+            assert all(x["more"] for _, x in answers[:-1]) and not answers[-1][1]["more"]
     finally:
         a.close()
         b.close()

@@ -133,7 +133,8 @@ def test_status_schema_lists_what_status_returns(server, served):
 
 # Server-to-server endpoints of the full node (`bubble-ref node`): the mesh (06) and monitoring (09) speak them to
 # each other; the OpenAPI document describes the client API. A new route must be added to one or the other.
-SERVER_ROUTES = {"POST /relay", "GET /trace/<packet_id>", "POST /servers", "POST /sync", "GET /reputation",
+SERVER_ROUTES = {"POST /relay", "GET /trace/<packet_id>", "POST /servers", "POST /sync", "POST /sync/ids",
+                 "POST /sync/fetch", "GET /reputation",
                  "POST /reports", "POST /votes", "POST /decisions"}
 
 

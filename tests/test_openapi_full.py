@@ -24,7 +24,7 @@ from bubble_ref.crypto import Identity
 from bubble_ref.envelope import check_packet, make_retrieval_proof, seal
 from bubble_ref.mesh import sign_body, sign_relay
 from bubble_ref.node import PROTOCOL_VERSION, open_relay_node
-from bubble_ref.packets import QuorumDecision, SyncRequest, Vote, VoteRequest, format_checker, format_timestamp, load_schema
+from bubble_ref.packets import QuorumDecision, SyncFetch, SyncRequest, Vote, VoteRequest, format_checker, format_timestamp, load_schema
 from bubble_ref.relay import HTTP_ERROR_CODES, create_app, start_server
 from bubble_ref.spec import ANY_ROUTE_ERRORS, COMPONENTS, ERRORS, OPERATIONS, component_schema, error_table, openapi_document
 from bubble_ref.store import ManualClock
@@ -280,6 +280,14 @@ def test_every_route_of_a_real_node_answers_as_documented(mesh, tmp_path):
     assert page["packets"]
     check("/sync", "POST", requests.post(f"{b.url}/sync", json={**sync, "since": "x"}, timeout=HTTP_TIMEOUT), 400,
           "invalid_packet")
+    ids = check("/sync/ids", "POST", requests.post(f"{b.url}/sync/ids", json=sync, timeout=HTTP_TIMEOUT), 200)
+    assert [i["packet_id"] for i in ids["ids"]] == [p["packet_id"] for p in page["packets"]]
+    fetch = sign_body(a_key, SyncFetch(ids=(ids["ids"][0]["packet_id"],), sender_id=a_key.id,
+                                       sent_at=format_timestamp(now())).to_dict())
+    fetched = check("/sync/fetch", "POST", requests.post(f"{b.url}/sync/fetch", json=fetch, timeout=HTTP_TIMEOUT), 200)
+    assert fetched["packets"] == page["packets"][:1]
+    check("/sync/fetch", "POST", requests.post(f"{b.url}/sync/fetch", json={**fetch, "ids": []}, timeout=HTTP_TIMEOUT),
+          400, "invalid_packet")
 
     # operator group
     trace_path = "/trace/{packet_id}"

@@ -20,14 +20,15 @@ from bubble_ref.crypto import Identity
 from bubble_ref.mesh import Server, canonical_bytes, sign_body, verify_body, verify_server_list
 from bubble_ref.node import Request
 from bubble_ref.packets import (
-    MisbehaviorReport, QuorumDecision, Relay, ServerListResponse, SyncRequest, Vote, VoteRequest, parse_timestamp,
+    MisbehaviorReport, QuorumDecision, Relay, ServerListResponse, SyncFetch, SyncRequest, Vote, VoteRequest, parse_timestamp,
     validate_dict)
 from bubble_ref.store import ManualClock
 
 HERE = Path(__file__).parent / "vectors"
 VECTORS = json.loads((HERE / "server_vectors.json").read_text("utf-8"))
 SIGNED = {v["name"]: v for v in VECTORS["signed"]}
-PACKETS = {"relay": Relay, "sync_request": SyncRequest, "server_list_response": ServerListResponse,
+PACKETS = {"relay": Relay, "sync_request": SyncRequest, "sync_fetch": SyncFetch,
+           "server_list_response": ServerListResponse,
            "misbehavior_report": MisbehaviorReport, "vote_request": VoteRequest, "vote": Vote}
 
 
@@ -125,14 +126,18 @@ def test_a_node_accepts_every_published_request(node_b):
     node, clock = node_b
     assert node.id == VECTORS["keys"]["server_b"]["id"]
     expected = {"relay": ("POST /relay", 202), "sync-request-first": ("POST /sync", 200),
-                "sync-request-cursor": ("POST /sync", 200), "report": ("POST /reports", 202),
+                "sync-request-cursor": ("POST /sync", 200), "sync-fetch": ("POST /sync/fetch", 200),
+                "report": ("POST /reports", 202),
                 "vote-request": ("POST /votes", 200)}
+    replies = {}
     for name, (route, status) in expected.items():
         vector = SIGNED[name]
         at(clock, vector["check_at"])
-        reply = node.on_request(Request(route, json.dumps(vector["object"]).encode()))
+        reply = replies[name] = node.on_request(Request(route, json.dumps(vector["object"]).encode()))
         assert reply.status == status, (name, reply.body)
     assert node.mailbox.contains(SIGNED["relay"]["object"]["packet_id"])
+    fetched = replies["sync-fetch"].body["packets"]  # the relayed packet, fetched back by id
+    assert [p["packet_id"] for p in fetched] == SIGNED["sync-fetch"]["object"]["ids"]
     vote = reply.body  # B's own signed vote, as a vote request's answer
     assert verify_body(node.identity.public, vote) and vote["voter_id"] == node.id
 

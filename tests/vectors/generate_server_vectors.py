@@ -1,7 +1,7 @@
 """Write server_vectors.json: one test vector for every signed server object (PROTOCOL.md §15.1).
 
 Three fixed server keys (server_a.pem, server_b.pem, server_c.pem, made on the first run and then kept) sign a
-relay, sync requests, a server list, a misbehaviour report, a vote request and votes; a quorum decision carries
+relay, sync requests, a sync fetch, a server list, a misbehaviour report, a vote request and votes; a quorum decision carries
 the votes. Each vector gives the object as sent, the fields its signature covers, the exact RFC 8785 bytes (hex,
 and as text for reading) and the signature. RSA-PSS is randomised, so a signature is a verify-only value: running
 this again keeps every signature whose bytes did not change, so the file changes only when the objects do.
@@ -21,7 +21,8 @@ from pathlib import Path
 from bubble_ref.audit import sign_report
 from bubble_ref.crypto import Identity
 from bubble_ref.mesh import canonical_bytes, sign_body, sign_relay
-from bubble_ref.packets import QuorumDecision, ServerListResponse, SyncRequest, Vote, VoteRequest, parse_timestamp
+from bubble_ref.packets import (
+    QuorumDecision, ServerListResponse, SyncFetch, SyncRequest, Vote, VoteRequest, parse_timestamp)
 
 HERE = Path(__file__).parent
 OUT = HERE / "server_vectors.json"
@@ -63,6 +64,9 @@ def unsigned_objects(keys: dict[str, Identity], hello: dict) -> list[dict]:
         {"name": "sync-request-cursor", "schema": "sync_request", "endpoint": "POST /sync", "signer": "server_a",
          "check_at": "2024-06-15T12:35:21Z",
          "object": SyncRequest(since="42", sender_id=a.id, sent_at="2024-06-15T12:35:20Z").to_dict()},
+        {"name": "sync-fetch", "schema": "sync_fetch", "endpoint": "POST /sync/fetch (1.2)", "signer": "server_a",
+         "check_at": "2024-06-15T12:35:31Z",
+         "object": SyncFetch(ids=(hello["packet_id"],), sender_id=a.id, sent_at="2024-06-15T12:35:30Z").to_dict()},
         {"name": "server-list", "schema": "server_list_response", "endpoint": "answer to POST /servers",
          "signer": "server_b", "check_at": "2024-06-15T12:36:00Z", "object": server_list},
         {"name": "report", "schema": "misbehavior_report", "endpoint": "POST /reports", "signer": "server_a",
