@@ -27,7 +27,7 @@ from .store import SLOT, Mailbox, ManualClock
 # %% auto #0
 __all__ = ['ARRIVALS', 'RETENTION_DAYS', 'CryptoBench', 'bench_crypto', 'format_crypto_bench', 'LoadResult', 'drive', 'NodeBench',
            'bench_node', 'format_node_bench', 'StoreBench', 'bench_store', 'format_store_bench', 'FloodFigures',
-           'simulate_flooding', 'MeshBench', 'bench_mesh', 'format_mesh_bench', 'MonitoringBench',
+           'simulate_flooding', 'LiveMeshFigures', 'MeshBench', 'bench_mesh', 'format_mesh_bench', 'MonitoringBench',
            'monitoring_scenario', 'bench_monitoring', 'format_monitoring_bench']
 
 # %% ../notebooks/91_bench.ipynb #0806c232
@@ -524,58 +524,127 @@ def simulate_flooding(condition: str, nodes: int = 25, broadcasts: int = 20, *, 
                         (len(requests_) - relays) / (nodes * elapsed), cpu * 1000 / per)
 
 
-def _live_line(nodes: int, messages: int) -> list[float]:
-    "POST at the first node of a line of real node processes; seconds until /trace answers at the last (as operator)."
+def _node_processes(root: str, links: list[list[int]], options: dict[int, list[str]] | None = None):
+    """Start `bubble-ref node` processes on loopback, linked as `links`, and wait until each has pinned its peers:
+    (urls, operator headers, processes). The caller terminates the processes."""
     import subprocess
     import sys
 
-    from bubble_ref.mesh import free_port, line_topology
+    from bubble_ref.mesh import free_port
 
     script = Path(sys.executable).parent / "bubble-ref"
-    ports = [free_port() for _ in range(nodes)]
-    links = line_topology(nodes)
-    processes, latencies = [], []
+    ports = [free_port() for _ in links]
+    processes = []
+    for i in range(len(links)):
+        peers = [a for j in links[i] for a in ("--peer", f"http://127.0.0.1:{ports[j]}")]
+        processes.append(subprocess.Popen(
+            [str(script), "node", "--port", str(ports[i]), "--data-dir", f"{root}/n{i}", "--name", f"n{i}",
+             "--log-level", "WARNING", *peers, *(options or {}).get(i, [])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    headers, session, deadline = [], requests.Session(), time.monotonic() + 60
+    for i, url in enumerate(urls):  # every node up, and every node knows its neighbours
+        while True:
+            try:  # peer counts and /trace are for the operator: the token is in the node's data folder
+                token = Path(f"{root}/n{i}/operator_token").read_text().strip()
+                status = session.get(f"{url}/status", timeout=2, headers={"Authorization": f"Bearer {token}"}).json()
+                if status["known_peers"] == status["peers"]:
+                    headers.append({"Authorization": f"Bearer {token}"})
+                    break
+            except (OSError, requests.RequestException, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                for p in processes:
+                    p.terminate()
+                raise RuntimeError("the bench mesh did not come up in 60 s")
+            time.sleep(0.05)
+    return urls, headers, processes
+
+
+def _stop(processes) -> None:
+    for p in processes:
+        p.terminate()
+    for p in processes:
+        p.wait(timeout=20)
+
+
+def _live_line(nodes: int, messages: int) -> list[float]:
+    "POST at the first node of a line of real node processes; seconds until /trace answers at the last (as operator)."
+    from bubble_ref.mesh import line_topology
+
     alice, bob = Identity.generate(), Identity.generate()
     packets = [seal(alice, bob.public.b64, f"bench {i}").to_dict() for i in range(messages + 5)]
+    latencies = []
     with tempfile.TemporaryDirectory(prefix="bubble-bench-mesh-") as root:
+        urls, headers, processes = _node_processes(root, line_topology(nodes))
         try:
-            for i in range(nodes):
-                peers = [a for j in links[i] for a in ("--peer", f"http://127.0.0.1:{ports[j]}")]
-                processes.append(subprocess.Popen(
-                    [str(script), "node", "--port", str(ports[i]), "--data-dir", f"{root}/n{i}", "--name", f"n{i}",
-                     "--log-level", "WARNING", *peers], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            first, last = f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[-1]}"
             session = requests.Session()
-            deadline = time.monotonic() + 60
-            for i, port in enumerate(ports):  # every node up, and every node knows its neighbours
-                while True:
-                    try:  # peer counts and /trace are for the operator: the token is in the node's data folder
-                        token = Path(f"{root}/n{i}/operator_token").read_text().strip()
-                        status = session.get(f"http://127.0.0.1:{port}/status", timeout=2,
-                                             headers={"Authorization": f"Bearer {token}"}).json()
-                        if status["known_peers"] == status["peers"]:
-                            break
-                    except (OSError, requests.RequestException, ValueError, KeyError):
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the bench mesh did not come up in 60 s")
-                    time.sleep(0.05)
             for i, packet in enumerate(packets):
                 start = time.perf_counter()
-                packet_id = session.post(f"{first}/messages", json=packet, timeout=10).json()["packet_id"]
-                while session.get(f"{last}/trace/{packet_id}", headers={"Authorization": f"Bearer {token}"},
-                                  timeout=10).status_code != 200:
+                packet_id = session.post(f"{urls[0]}/messages", json=packet, timeout=10).json()["packet_id"]
+                while session.get(f"{urls[-1]}/trace/{packet_id}", headers=headers[-1], timeout=10).status_code != 200:
                     if time.perf_counter() - start > 30:
                         raise RuntimeError("a packet did not cross the bench mesh in 30 s")
                     time.sleep(0.002)
                 if i >= 5:  # the first few warm up connections and caches
                     latencies.append(time.perf_counter() - start)
         finally:
-            for p in processes:
-                p.terminate()
-            for p in processes:
-                p.wait(timeout=20)
+            _stop(processes)
     return latencies
+
+
+@dataclass(frozen=True)
+class LiveMeshFigures:
+    "A mesh of real `bubble-ref node` processes on loopback (random graph, degree 4), with one silent dropper."
+    nodes: int
+    messages: int
+    payload_sends_per_message_per_node: float  # relays attempted and packets sent by sync, per packet, per node
+    delivery: float  # of the copies the honest nodes should hold, the share they held within 60 s
+    blacklisted_after: float | None  # seconds from start until every honest node blacklisted the dropper
+    audit_interval: float
+
+
+def _live_mesh(nodes: int, messages: int, audit_interval: float = 10.0, wait: float = 240.0) -> LiveMeshFigures:
+    """Real node processes in a random mesh, the busiest one started with `--behaviour drop`: post `messages` at
+    honest nodes, count what every node sent (its operator counters), and time until every honest node has
+    blacklisted the dropper (at most `wait` seconds)."""
+    from bubble_ref.mesh import build_topology
+
+    links = build_topology(nodes, "random", degree=4, seed=0)
+    hub = max(range(nodes), key=lambda v: (len(links[v]), -v))
+    honest = [i for i in range(nodes) if i != hub]
+    alice, bob = Identity.generate(), Identity.generate()
+    every = ["--audit-interval", str(audit_interval)]
+    with tempfile.TemporaryDirectory(prefix="bubble-bench-live-mesh-") as root:
+        started = time.monotonic()
+        urls, headers, processes = _node_processes(root, links, {i: every + (["--behaviour", "drop"] if i == hub else [])
+                                                                 for i in range(nodes)})
+        try:
+            session = requests.Session()
+            status = lambda i: session.get(f"{urls[i]}/status", headers=headers[i], timeout=10).json()
+            sent = lambda: sum(s["relays_sent"] + s["sync_packets_sent"] for s in map(status, range(nodes)))
+            before, posted = sent(), []
+            for m in range(messages):
+                origin = honest[m % len(honest)]
+                packet = seal(alice, bob.public.b64, f"live bench {m}", min_padded=2048).to_dict()
+                posted.append(session.post(f"{urls[origin]}/messages", json=packet, timeout=10).json()["packet_id"])
+                time.sleep(0.2)
+            held, deadline = set(), time.monotonic() + 60
+            while len(held) < len(posted) * len(honest) and time.monotonic() < deadline:
+                held |= {(i, p) for i in honest for p in posted if (i, p) not in held and session.get(
+                    f"{urls[i]}/trace/{p}", headers=headers[i], timeout=10).status_code == 200}
+                time.sleep(0.2)
+            sends = (sent() - before) / (messages * nodes)
+            dropper_id, caught = status(hub)["server_id"], None
+            while time.monotonic() - started < wait:
+                if all(dropper_id in session.get(f"{urls[i]}/reputation", timeout=10).json()["blacklisted"]
+                       for i in honest):
+                    caught = time.monotonic() - started
+                    break
+                time.sleep(1.0)
+        finally:
+            _stop(processes)
+    return LiveMeshFigures(nodes, messages, sends, len(held) / (len(posted) * len(honest)), caught, audit_interval)
 
 # %% ../notebooks/91_bench.ipynb #e19d4d2f
 @dataclass(frozen=True)
@@ -584,14 +653,17 @@ class MeshBench:
     models: dict[str, list]
     live_latencies: list[float]
     live_nodes: int
+    live_mesh: LiveMeshFigures | None = None
 
 
-def bench_mesh(nodes: int = 25, broadcasts: int = 20, live_messages: int = 50, live_nodes: int = 5) -> MeshBench:
+def bench_mesh(nodes: int = 25, broadcasts: int = 20, live_messages: int = 50, live_nodes: int = 5,
+               live_mesh_nodes: int = 10, live_mesh_messages: int = 20) -> MeshBench:
     "Broadcast on the real classes (simulated: 1.1's flooding, 1.2 clean, a dropper, 10% loss), a real line, models."
     from bubble_ref import strategies
 
-    if nodes < 3 or broadcasts < 1 or live_messages < 2 or live_nodes < 2:
-        raise ValueError("need at least 3 nodes, 1 broadcast, 2 live messages and 2 live nodes")
+    if nodes < 3 or broadcasts < 1 or live_messages < 2 or live_nodes < 2 or live_mesh_nodes in (1, 2, 3):
+        raise ValueError("need at least 3 nodes, 1 broadcast, 2 live messages, 2 live nodes, and a live mesh of 4 "
+                         "nodes or more (0: none)")
     from bubble_ref.mesh import MeshConfig
 
     flood = MeshConfig(plumtree=False, directory_fanout=None)  # 1.1: relay to every peer, ask every server's list
@@ -603,7 +675,8 @@ def bench_mesh(nodes: int = 25, broadcasts: int = 20, live_messages: int = 50, l
     models = {"clean network": strategies.compare(**settings),
               "one silently dropping node": strategies.compare(droppers=1, **settings),
               "10% link loss": strategies.compare(loss=0.1, **settings)}
-    return MeshBench(simulated, models, _live_line(live_nodes, live_messages), live_nodes)
+    live_mesh = _live_mesh(live_mesh_nodes, live_mesh_messages) if live_mesh_nodes else None
+    return MeshBench(simulated, models, _live_line(live_nodes, live_messages), live_nodes, live_mesh)
 
 
 def format_mesh_bench(result: MeshBench) -> str:
@@ -624,6 +697,13 @@ def format_mesh_bench(result: MeshBench) -> str:
     lines.append(f"live: {result.live_nodes}-node line of bubble-ref node processes on loopback, "
                  f"{len(ms)} packets: POST at the first -> retrievable at the last ({result.live_nodes - 1} relays): "
                  f"median {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms (min {ms[0]:.1f}, max {ms[-1]:.1f})")
+    if (live := result.live_mesh) is not None:
+        caught = f"{live.blacklisted_after:.0f} s" if live.blacklisted_after is not None else "not within the wait"
+        lines.append(f"live: {live.nodes} bubble-ref node processes (random graph, degree 4), the busiest a silent "
+                     f"dropper, audits every {live.audit_interval:.0f} s: {live.messages} packets, "
+                     f"{live.payload_sends_per_message_per_node:.2f} payload sends per packet per node (relays and "
+                     f"sync answers, from each node's operator counters), delivered {live.delivery:.0%}; every honest "
+                     f"node blacklisted the dropper after {caught} (from start)")
     lines.append("models (notebook 06c: abstract strategies, no retries, not the node), 100 broadcasts:")
     for condition, runs in result.models.items():
         lines += [f"-- {condition}", strategies.format_table(runs)]

@@ -469,11 +469,17 @@ def _add_bench_parser(commands) -> None:
                                                 "flooding, then 1.2's tree clean, with one silent dropper, at 10% "
                                                 "loss): relays and bytes per message per node, delivery, latency, "
                                                 "background requests and CPU; then POST-to-retrievable across a real "
-                                                "line of node processes; and, labelled as models, the strategy lab.")
+                                                "line of node processes; a live mesh of node processes with a silent "
+                                                "dropper (payload sends per packet per node, time until it is "
+                                                "blacklisted); and, labelled as models, the strategy lab.")
     mesh_bench.add_argument("--nodes", type=int, default=25, help="simulated real nodes (default: 25)")
     mesh_bench.add_argument("--broadcasts", type=int, default=20, help="packets per simulated condition (default: 20)")
     mesh_bench.add_argument("--live-messages", type=int, default=50, help="packets sent along the real line (default: 50)")
     mesh_bench.add_argument("--live-nodes", type=int, default=5, help="nodes in the real line (default: 5)")
+    mesh_bench.add_argument("--live-mesh-nodes", type=int, default=10,
+                            help="node processes in the live mesh with a silent dropper (default: 10; 0: none)")
+    mesh_bench.add_argument("--live-mesh-messages", type=int, default=20,
+                            help="packets posted in the live mesh (default: 20)")
     monitoring_bench = targets.add_parser(
         "monitoring", help="seconds until droppers are blacklisted; wrong blacklistings; colluders (real classes)",
         description="Run monitoring on seeded simulated meshes of real nodes: time until a silent and a selective "
@@ -689,7 +695,8 @@ def _run_bench(args: argparse.Namespace) -> str:
         return bench.format_store_bench(bench.bench_store(args.packets, args.recipients, args.fetches, args.dir))
     if args.target == "mesh":
         return bench.format_mesh_bench(bench.bench_mesh(args.nodes, args.broadcasts, args.live_messages,
-                                                        args.live_nodes))
+                                                        args.live_nodes, args.live_mesh_nodes,
+                                                        args.live_mesh_messages))
     if args.target == "hostile":  # notebook 10
         from bubble_ref import attacks
 

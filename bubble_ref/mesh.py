@@ -545,6 +545,7 @@ class Broadcast:
         self.wake_at: dict[str, datetime] = {}  # peer url -> when a timer will pump it
         self.lazy: set[str] = set()  # peer urls off the tree: only packets posted here go to them (and come from them)
         self.held_back: OrderedDict = OrderedDict()  # packet id -> hops, for copies that came off the tree
+        self.relays_sent = 0  # POST /relay attempts since start (for the operator: what this node's broadcast costs)
         self._signatures: OrderedDict = OrderedDict()
         node.db.executescript(BROADCAST_SCHEMA)
         node.on(PacketStoring, self.queue)
@@ -625,6 +626,7 @@ def _next_for(self: Broadcast, peer: str) -> list:
             db.execute("DELETE FROM outbox WHERE peer = ? AND packet_id = ?", (peer, packet_id))
             continue
         flying.add(packet_id)
+        self.relays_sent += 1
         actions.append(Call("POST", f"{peer}/relay", self.relay_body(stored, hops),
                             tag=(self.name, "relay", peer, packet_id.hex()), timeout=10.0, max_bytes=4096))
     return actions
@@ -775,7 +777,8 @@ def outbox_size(self: Broadcast) -> int:
 
 @patch
 def operator_fields(self: Broadcast) -> dict:
-    return {"outbox": self.outbox_size(), "lazy_peers": len(self.lazy)}  # they move with every packet: not for everyone's eyes
+    # They move with every packet: not for everyone's eyes.
+    return {"outbox": self.outbox_size(), "lazy_peers": len(self.lazy), "relays_sent": self.relays_sent}
 
 
 @patch
@@ -803,6 +806,7 @@ class AntiEntropy:
     def __init__(self, node: Node, service: MailboxService, peers: Peers, mesh: MeshConfig = MeshConfig()):
         self.node, self.service, self.peers, self.mesh = node, service, peers, mesh
         self.shares: Callable[[Any], bool] = lambda stored: True  # a misbehaving node (notebook 09) hides some
+        self.packets_served = 0  # packets sent in sync answers since start (for the operator)
         node.db.executescript(SYNC_SCHEMA)
 
     def routes(self) -> list[Route]:
@@ -812,6 +816,9 @@ class AntiEntropy:
 
     def start(self) -> list:
         return [After(self.mesh.sync_interval, (self.name, "round"))]
+
+    def operator_fields(self) -> dict:
+        return {"sync_packets_sent": self.packets_served}
 
 # %% ../notebooks/06_mesh.ipynb #c882dcce
 @patch
@@ -995,6 +1002,7 @@ def answer_fetch(self: AntiEntropy, request: Request) -> Reply:
             break  # the peer asks again for the rest
         items.append(sync_item(stored))
         size += len(stored.packet)
+    self.packets_served += len(items)
     return Reply(200, {"packets": items}, tuple(self.node.emit(Grafted(sender.server_id))))
 
 
@@ -1011,6 +1019,7 @@ def answer_sync(self: AntiEntropy, request: Request) -> Reply:
             items.append(sync_item(p))
             size += len(p.packet)
         cursor = p.cursor
+    self.packets_served += len(items)
     return Reply(200, {"packets": items, "next_cursor": cursor or "0", "more": more})
 
 # %% ../notebooks/06_mesh.ipynb #cf515930

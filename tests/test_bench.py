@@ -15,3 +15,15 @@ def test_bench_store_sweeps_the_expired_half_slot_by_slot_beside_a_writer(tmp_pa
     lines = format_store_bench(result).splitlines()
     assert "target p99 <= 5 ms" in lines[1] and "target <= 2 s" in lines[2] and "target <= 50 ms" in lines[3]
     assert list(tmp_path.iterdir()) == [], "the temporary database is removed"
+
+
+def test_the_live_mesh_counts_what_real_node_processes_sent():
+    """Four `bubble-ref node` processes, one a silent dropper: every honest node holds every packet, and the operator
+    counters say what the broadcast cost (not waiting for the blacklisting here: `bubble-ref bench mesh` does)."""
+    from bubble_ref.bench import _live_mesh
+
+    live = _live_mesh(4, 6, wait=0)
+    assert live.delivery == 1.0 and live.blacklisted_after is None
+    # Each packet reaches the 3 honest nodes: its origin sends it to all 2-3 peers, the tree relays the rest; the
+    # first packets also flood while the tree forms. Fewer than one send per node would mean a counter is missing.
+    assert 0.5 <= live.payload_sends_per_message_per_node <= 3.0
