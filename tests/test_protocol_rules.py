@@ -47,7 +47,7 @@ def relay_node(tmp_path):
 def test_status_announces_the_protocol_and_the_required_fields(relay_node):
     node, _ = relay_node
     status = node.on_request(Request("GET /status")).body
-    assert status["protocol"] == PROTOCOL_VERSION == "1.1"
+    assert status["protocol"] == PROTOCOL_VERSION == "1.2"
     required = set(load_schema("status")["required"])
     assert required == {"server_id", "public_key", "protocol", "proof_mode", "time", "load"} <= set(status)
 
