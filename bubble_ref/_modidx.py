@@ -147,6 +147,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'bubble_ref.ballot.Ballot.receive_decision': ( 'ballot.html#ballot.receive_decision',
                                                                                   'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.receive_report': ('ballot.html#ballot.receive_report', 'bubble_ref/ballot.py'),
+                                   'bubble_ref.ballot.Ballot.refuse_short_claims': ( 'ballot.html#ballot.refuse_short_claims',
+                                                                                     'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.refuses': ('ballot.html#ballot.refuses', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.report_counts': ('ballot.html#ballot.report_counts', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.reputation_fields': ( 'ballot.html#ballot.reputation_fields',

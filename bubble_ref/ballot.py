@@ -86,6 +86,7 @@ class Ballot:
         self._all_client_reports = RateLimiter(node.clock, monitor.all_client_reports_per_minute)
         self._server_reports = RateLimiter(node.clock, monitor.client_reports_per_minute * 5)
         self._verified: OrderedDict[str, None] = OrderedDict()  # digests of votes whose signature checked out
+        self._answered: OrderedDict[str, dict] = OrderedDict()  # digests of decision bodies answered 200, newest last
         peers.policies.append(self.refuses)
         node.on(ScoreChanged, lambda event: self.consider(event.peer))
         node.on(Swept, self.prune)
@@ -336,12 +337,15 @@ def verified_votes(self: Ballot, server_id: str, votes, decided_at: datetime, st
 
 @patch
 def checked_cheaply(self: Ballot, data: Any) -> QuorumDecision:
-    """A decision's checks that cost no signature: signed votes few enough (counted before the schema), schema,
-    signed votes present, distinct voters and about the reported server, date, and `votes` = the signed votes."""
+    """A decision's checks that cost no signature. Before the schema (which costs more than the parse): at most
+    `max_voters` signed votes, and a tally it claims that could carry here. Then the schema, signed votes present,
+    distinct voters voting about the reported server, the date, and `votes` = the signed votes."""
     signed = data.get("signed_votes") if isinstance(data, dict) else None
     if isinstance(signed, list) and len(signed) > self.max_voters():
         raise NodeError(400, "invalid_packet", f"the decision carries {len(signed)} votes; no electorate holds "
                                                f"more than {self.max_voters()} servers")
+    if isinstance(signed, list) and isinstance(data.get("votes"), dict) and data.get("final_decision") in VOTE_FOR:
+        self.refuse_short_claims(str(data.get("reported_server_id")), data["final_decision"], data["votes"])
     try:
         decision = QuorumDecision.from_dict(data)
     except PacketError as e:
@@ -365,11 +369,20 @@ def checked_cheaply(self: Ballot, data: Any) -> QuorumDecision:
 
 
 @patch
-def _no_majority(self: Ballot, decision: QuorumDecision, summary: dict[str, str], base: set[str]) -> NodeError:
-    yes = sum(1 for v, vote in summary.items() if v in base and vote == VOTE_FOR[decision.final_decision])
-    return NodeError(403, "no_majority", f"{yes} of the {len(base)} servers this node knows of voted "
-                                         f"{VOTE_FOR[decision.final_decision]} (only votes of servers it has "
-                                         f"verified count); more than {len(base) // 2} are needed")
+def _no_majority(self: Ballot, final: str, summary: dict[str, str], base: set[str]) -> NodeError:
+    yes = sum(1 for v, vote in summary.items() if v in base and vote == VOTE_FOR[final])
+    return NodeError(403, "no_majority", f"{yes} of the {len(base)} servers this node knows of voted {VOTE_FOR[final]} "
+                                         "(only votes of servers it has verified count); more than "
+                                         f"{len(base) // 2} are needed")
+
+
+@patch
+def refuse_short_claims(self: Ballot, server_id: str, final: str, votes: dict) -> None:
+    "`no_majority` if the votes a decision *claims* from this node's electorate could not carry here, even if genuine."
+    electorate, base = self.electorate(), self.quorum_base() - {server_id}
+    claimed = {voter: vote for voter, vote in votes.items() if voter in electorate}
+    if not has_majority(claimed, base, server_id, final):
+        raise self._no_majority(final, claimed, base)
 
 
 @patch
@@ -380,18 +393,14 @@ def verify_decision(self: Ballot, data: Any) -> QuorumDecision:
 
 @patch
 def verify_votes(self: Ballot, decision: QuorumDecision) -> QuorumDecision:
-    """Whether the votes a decision *claims* from this node's electorate could be a majority here (if not, no
-    signature is checked), then each counted vote's window and signature, and the majority of what verified."""
+    """A checked decision's votes (`checked_cheaply` refused it already if its claims could not carry): each counted
+    vote's window and signature, then the majority of the votes that verified, in this node's own view."""
     base = self.quorum_base() - {decision.reported_server_id}
-    electorate = self.electorate()
-    claimed = {voter: vote for voter, vote in decision.votes.items() if voter in electorate}
-    if not has_majority(claimed, base, decision.reported_server_id, decision.final_decision):
-        raise self._no_majority(decision, claimed, base)
     counted = self.verified_votes(decision.reported_server_id, decision.signed_votes,
                                   parse_timestamp(decision.timestamp), strict=True)
     summary = {voter: vote["vote"] for voter, vote in counted.items()}
     if not has_majority(summary, base, decision.reported_server_id, decision.final_decision):
-        raise self._no_majority(decision, summary, base)
+        raise self._no_majority(decision.final_decision, summary, base)
     return decision
 
 # %% ../notebooks/09c_ballot.ipynb #eb474344
@@ -475,12 +484,19 @@ def caught_up(self: Ballot, body: Any) -> list:
 
 @patch
 def receive_decision(self: Ballot, request: Request) -> Reply:
-    "POST /decisions: verify a quorum decision and apply it if it is newer than the one held."
+    """POST /decisions: verify a quorum decision and apply it if it is newer than the one held. The very bytes of a
+    decision answered before (the flood brings one copy per peer) are not newer now: answered without parsing."""
+    digest = hashlib.sha256(request.body).hexdigest()
+    if (seen := self._answered.get(digest)) is not None:
+        return Reply(200, {**seen, "applied": False})
     try:
         data = parse_json("quorum_decision", request.body, max_bytes=MAX_DECISION_BYTES)
     except PacketError as e:
         raise NodeError(400, "invalid_packet", str(e)) from None
     answer, actions = self.apply(data)
+    self._answered[digest] = answer
+    if len(self._answered) > 64:
+        self._answered.popitem(last=False)
     return Reply(200, answer, tuple(actions))
 
 

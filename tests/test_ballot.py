@@ -124,9 +124,10 @@ def test_a_decision_needs_valid_signatures_and_a_real_majority(world):
     assert refusal(nodes[3], altered) == (400, "invalid_packet")
     bare = {k: v for k, v in world.decision(three, x.id).items() if k != "signed_votes"}
     assert refusal(nodes[3], bare) == (400, "unsigned_decision")
-    other = [world.vote(n.identity, nodes[0].id, "blacklist") for n in nodes[1:3]] + [three[2]]
-    assert refusal(nodes[3], world.decision(other, nodes[0].id)) == (400, "invalid_packet")  # a vote about x
-    twice = [*three[:2], three[0]]
+    other = [world.vote(n.identity, nodes[0].id, "blacklist") for n in nodes[1:3]] + \
+        [world.vote(nodes[3].identity, x.id, "blacklist")]  # it claims 3 of 4, but one of them is about x
+    assert refusal(nodes[3], world.decision(other, nodes[0].id)) == (400, "invalid_packet")
+    twice = [*three, three[0]]
     assert refusal(nodes[3], world.decision(twice, x.id)) == (400, "invalid_packet")  # one voter, two votes
     assert x.id not in ballot(nodes[3]).blacklisted
     applied_at = world.decision(three, x.id)["timestamp"]

@@ -143,13 +143,19 @@ def test_one_vote_short_of_the_majority_is_refused_before_any_signature(big, ver
     assert verify_calls == [] and big.x.id not in big.ballot.blacklisted
 
 
-def test_a_replay_costs_no_signature_check_and_a_spoilt_redated_one_costs_one(big, verify_calls):
+def test_a_replay_costs_no_signature_check_and_a_spoilt_redated_one_costs_one(big, verify_calls, monkeypatch):
+    parsed = []
+    real_parse = ballot_module.parse_json
+    monkeypatch.setattr(ballot_module, "parse_json", lambda *a, **k: parsed.append(a[0]) or real_parse(*a, **k))
     genuine = decision(big.votes[:N // 2 + 1], big.x.id, big.clock())
-    assert big.post(genuine).body["applied"]
+    assert big.post(genuine).body["applied"] and len(parsed) == 1
     verify_calls.clear()
     replay = big.post(genuine)
     assert replay.status == 200 and not replay.body["applied"] and replay.actions == ()
-    assert verify_calls == [], "not newer than the held decision: refused before any signature"
+    assert verify_calls == [] and len(parsed) == 1, "the same bytes again (a duplicate of the flood): not even parsed"
+    respaced = big.post(json.dumps(genuine, indent=1).encode())  # the same decision, other bytes
+    assert respaced.status == 200 and not respaced.body["applied"] and respaced.actions == ()
+    assert verify_calls == [] and len(parsed) == 2, "not newer than the held decision: refused before any signature"
     # the same votes, re-dated a second later (newer), with the last vote's signature spoilt:
     big.clock.advance(timedelta(seconds=1))
     spoilt = [*genuine["signed_votes"][:-1], {**genuine["signed_votes"][-1], "signature": genuine["signed_votes"][0]["signature"]}]

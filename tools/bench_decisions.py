@@ -59,6 +59,8 @@ def main() -> None:
 
         held = json.dumps(decision(big.votes[:N // 2 + 1], big.x.id, big.clock())).encode()
         assert post("POST /decisions", held).body["applied"]
+        spaces = iter(range(1, 10 ** 6))
+        respaced = lambda: held + b" " * next(spaces)  # the same decision, never the same bytes twice
         later = big.clock() + timedelta(minutes=4)  # newer than the held decision for the whole run
         unknown = decision([vote(s, big.x.id, "blacklist", later) for s in strangers[:1001]], big.x.id, later)
         unknown_1mib = json.dumps(unknown).encode()
@@ -69,7 +71,8 @@ def main() -> None:
             "valid POST /messages": ("POST /messages", lambda: next(messages), 202, 40),
             "decision, 501 votes": ("POST /decisions", lambda: majority(N // 2 + 1), 200, 3),
             "decision, 1000 votes": ("POST /decisions", lambda: majority(N - 1), 200, 3),
-            "replay (not newer)": ("POST /decisions", lambda: held, 200, 5),
+            "replay, same bytes": ("POST /decisions", lambda: held, 200, 5),
+            "replay, other bytes": ("POST /decisions", respaced, 200, 5),
             "1001 unknown voters, 1 MiB": ("POST /decisions", lambda: unknown_1mib, 403, 5),
             "1024 votes (too many)": ("POST /decisions", lambda: too_many, 400, 5),
             "spoilt re-dated, cold": ("POST /decisions", lambda: spoilt(True), 403, 3),
