@@ -21,8 +21,9 @@ from .ledger import (
     VOTE_FOR, Ledger, MonitorConfig, RateLimiter, ScoreChanged, has_majority, opinion, proposal_for)
 from .mesh import MeshConfig, PeerResolved, Peers, add_mesh_roles, sign_body, verify_body
 from .node import Call, Node, NodeConfig, NodeError, Reply, Request, Route, Swept
-from .packets import (
-    MisbehaviorReport, PacketError, QuorumDecision, Vote, VoteRequest, format_timestamp, parse_json, parse_timestamp)
+from bubble_ref.packets import (
+    MAX_PACKET_BYTES, MisbehaviorReport, PacketError, QuorumDecision, Vote, VoteRequest, format_timestamp, parse_json,
+    parse_timestamp)
 from .store import to_millis
 
 # %% auto #0
@@ -489,8 +490,11 @@ def receive_decision(self: Ballot, request: Request) -> Reply:
     digest = hashlib.sha256(request.body).hexdigest()
     if (seen := self._answered.get(digest)) is not None:
         return Reply(200, {**seen, "applied": False})
+    # The parser's shape limits (objects, commas and colons per byte, notebook 01) scale with its byte limit: sized
+    # from this body (at least a packet's), a 128 KiB body meets the same limits here as on every other route.
+    limit = min(MAX_DECISION_BYTES, max(MAX_PACKET_BYTES, len(request.body)))
     try:
-        data = parse_json("quorum_decision", request.body, max_bytes=MAX_DECISION_BYTES)
+        data = parse_json("quorum_decision", request.body, max_bytes=limit)
     except PacketError as e:
         raise NodeError(400, "invalid_packet", str(e)) from None
     answer, actions = self.apply(data)

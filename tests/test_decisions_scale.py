@@ -23,6 +23,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import bubble_ref.ballot as ballot_module
+from bubble_ref.attacks import hostile_requests
 from bubble_ref.ballot import CATCH_UP_BYTES, MAX_DECISION_BYTES, open_monitored_node
 from bubble_ref.crypto import Identity
 from bubble_ref.ledger import MonitorConfig
@@ -179,6 +180,10 @@ def test_hostile_decisions_are_refused_cheaply(big, verify_calls):
     assert (reply.status, reply.body["error"]) == (413, "too_large") and str(MAX_DECISION_BYTES) in reply.body["detail"]
     other_route = ask(big.node, "POST /reports", b" " * (MAX_PACKET_BYTES + 1))
     assert other_route.status == 413, "the larger limit is POST /decisions' own"
+    keys = next(h for h in hostile_requests() if h.name == "6k vote keys").body  # 128 KiB, a comma every 10 bytes
+    reply = ask(big.node, "POST /decisions", keys)
+    assert (reply.status, reply.body["error"]) == (400, "invalid_packet") and "too many values" in reply.body["detail"], \
+        "the parser's shape limits follow the body's size, not the route's 1 MiB: refused before json.loads"
 
 
 def test_a_decision_floods_over_the_peers_to_every_node_and_a_node_that_was_down_catches_up(tmp_path):
