@@ -88,6 +88,7 @@ class Ballot:
         self._server_reports = RateLimiter(node.clock, monitor.client_reports_per_minute * 5)
         self._verified: OrderedDict[str, None] = OrderedDict()  # digests of votes whose signature checked out
         self._answered: OrderedDict[str, dict] = OrderedDict()  # digests of decision bodies answered 200, newest last
+        self._held: list[dict] | None = None  # the decisions held, parsed once (GET /reputation shows them to anyone)
         peers.policies.append(self.refuses)
         node.on(ScoreChanged, lambda event: self.consider(event.peer))
         node.on(Swept, self.prune)
@@ -447,6 +448,7 @@ def apply(self: Ballot, data: Any) -> tuple[dict, list]:
         "ON CONFLICT (reported_server_id) DO UPDATE SET decided_at = excluded.decided_at, "
         "final_decision = excluded.final_decision, body = excluded.body WHERE excluded.decided_at > decisions.decided_at",
         (server_id, decided_at, decision.final_decision, json.dumps(data, separators=(",", ":"))))
+    self._held = None
     (self.blacklisted.add if decision.final_decision == "blacklisted" else self.blacklisted.discard)(server_id)
     actions = self.node.emit(Decided(server_id, decision.final_decision)) + self.forward(data, server_id)
     return {**answer, "applied": True}, actions
@@ -506,9 +508,11 @@ def receive_decision(self: Ballot, request: Request) -> Reply:
 
 @patch
 def decisions(self: Ballot) -> list[dict]:
-    "The newest decision about each server, as received."
-    rows = self.node.db.execute("SELECT body FROM decisions ORDER BY decided_at, reported_server_id").fetchall()
-    return [json.loads(body) for (body,) in rows]
+    "The newest decision about each server, as received (read from the table once after each change, not per request)."
+    if self._held is None:
+        rows = self.node.db.execute("SELECT body FROM decisions ORDER BY decided_at, reported_server_id").fetchall()
+        self._held = [json.loads(body) for (body,) in rows]
+    return list(self._held)
 
 
 @patch
