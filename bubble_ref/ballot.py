@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import count
@@ -18,14 +19,15 @@ from .audit import Auditor, Suspicion, misbehave, sign_report
 from .crypto import CryptoError, Identity, load_public_key
 from .ledger import (
     VOTE_FOR, Ledger, MonitorConfig, RateLimiter, ScoreChanged, has_majority, opinion, proposal_for)
-from .mesh import MeshConfig, Peers, add_mesh_roles, sign_body, verify_body
+from .mesh import MeshConfig, PeerResolved, Peers, add_mesh_roles, sign_body, verify_body
 from .node import Call, Node, NodeConfig, NodeError, Reply, Request, Route, Swept
-from .packets import (
-    MisbehaviorReport, PacketError, QuorumDecision, Vote, VoteRequest, format_timestamp, parse_json, parse_timestamp)
+from bubble_ref.packets import (
+    MAX_PACKET_BYTES, MisbehaviorReport, PacketError, QuorumDecision, Vote, VoteRequest, format_timestamp, parse_json,
+    parse_timestamp)
 from .store import to_millis
 
 # %% auto #0
-__all__ = ['BALLOT_SCHEMA', 'Decided', 'Poll', 'Ballot', 'open_monitored_node']
+__all__ = ['BALLOT_SCHEMA', 'MAX_DECISION_BYTES', 'CATCH_UP_BYTES', 'Decided', 'Poll', 'Ballot', 'open_monitored_node']
 
 # %% ../notebooks/09c_ballot.ipynb #d14052e6
 BALLOT_SCHEMA = """
@@ -46,6 +48,9 @@ CREATE TABLE IF NOT EXISTS decisions (
     body               TEXT    NOT NULL
 ) WITHOUT ROWID;
 """
+
+MAX_DECISION_BYTES = 1024 * 1024  # POST /decisions: room for 1024 signed votes (the schema's cap) of ~770 B each
+CATCH_UP_BYTES = 8 * MAX_DECISION_BYTES  # a peer's GET /reputation, read when it is (re)resolved
 
 
 @dataclass(frozen=True)
@@ -81,14 +86,19 @@ class Ballot:
         self._client_reports = RateLimiter(node.clock, monitor.client_reports_per_minute)
         self._all_client_reports = RateLimiter(node.clock, monitor.all_client_reports_per_minute)
         self._server_reports = RateLimiter(node.clock, monitor.client_reports_per_minute * 5)
+        self._verified: OrderedDict[str, None] = OrderedDict()  # digests of votes whose signature checked out
+        self._answered: OrderedDict[str, dict] = OrderedDict()  # digests of decision bodies answered 200, newest last
+        self._held: list[dict] | None = None  # the decisions held, parsed once (GET /reputation shows them to anyone)
         peers.policies.append(self.refuses)
         node.on(ScoreChanged, lambda event: self.consider(event.peer))
         node.on(Swept, self.prune)
+        node.on(PeerResolved, self.catch_up)
 
     def routes(self) -> list[Route]:
         return [Route("POST", "/reports", self.receive_report, json_body=True),
                 Route("POST", "/votes", self.answer_vote_request, json_body=True),
-                Route("POST", "/decisions", self.receive_decision, json_body=True)]
+                Route("POST", "/decisions", self.receive_decision, json_body=True,
+                      max_body=MAX_DECISION_BYTES)]
 
     def refuses(self, server_id: str) -> str | None:
         "The blacklist as a policy for every role: why `server_id` is refused, or None."
@@ -252,6 +262,8 @@ def call_vote(self: Ballot, server_id: str, proposal: str) -> list:
 
 @patch
 def on_answer(self: Ballot, tag: tuple, status: int | None, body: Any) -> list:
+    if tag[1] == "catch_up":
+        return self.caught_up(body) if status == 200 else []
     if tag[1] != "vote":
         return []  # a forwarded decision: best effort, nothing to do with the answer
     poll = self.polls.get(tag[2])
@@ -264,40 +276,78 @@ def on_answer(self: Ballot, tag: tuple, status: int | None, body: Any) -> list:
 
 # %% ../notebooks/09c_ballot.ipynb #ce5735a7
 @patch
+def max_voters(self: Ballot) -> int:
+    "The largest electorate any node can have: its directory (at most `max_servers`) and itself."
+    return self.peers.mesh.max_servers + 1
+
+
+@patch
+def signature_ok(self: Ballot, key, vote: dict) -> bool:
+    """Is `vote` signed by `key`? A vote that verified once is remembered by the digest of its JSON (a few thousand,
+    the newest kept), so a decision replayed with one vote spoilt costs hashing, not hundreds of RSA checks."""
+    digest = hashlib.sha256(json.dumps(vote, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    if digest in self._verified:
+        self._verified.move_to_end(digest)
+        return True
+    if not verify_body(key, vote):
+        return False
+    self._verified[digest] = None
+    while len(self._verified) > 4 * self.max_voters():
+        self._verified.popitem(last=False)
+    return True
+
+
+@patch
 def verified_votes(self: Ballot, server_id: str, votes, decided_at: datetime, strict: bool) -> dict[str, dict]:
     """The votes about `server_id` signed by members of this node's electorate, by voter. With `strict`, any bad
-    vote refuses the lot (NodeError); without, bad ones are skipped (when gathering answers)."""
+    vote refuses the lot (NodeError); without, bad ones are skipped (when gathering answers). Every cheap check of
+    every vote comes first; signatures last, and only of the electorate's votes."""
     electorate = self.electorate()
     keys = {sid: s.public_key for sid, s in self.peers.directory().items() if sid in electorate}
     keys[self.node.id] = self.node.identity.public
-    counted: dict[str, dict] = {}
+    candidates, seen = [], set()
     for vote in votes:
         try:
-            parsed = Vote.from_dict(vote)
-            if parsed.reported_server_id != server_id:
-                raise NodeError(400, "invalid_packet", f"a vote by {parsed.voter_id[:16]}… is about another server")
-            if parsed.voter_id in counted:
-                raise NodeError(400, "invalid_packet", f"two votes by {parsed.voter_id[:16]}…")
-            key = keys.get(parsed.voter_id)
-            if key is None:
-                continue  # not a voter here: its vote is not counted (and not refused)
-            if not verify_body(key, vote):
-                raise NodeError(403, "bad_vote", f"the vote of server {parsed.voter_id[:16]}… is not signed by its key")
-            cast = parse_timestamp(parsed.timestamp)
+            if not strict:  # answers gathered from voters; a decision's votes were checked by its own schema
+                Vote.from_dict(vote)
+            voter, stamp = vote["voter_id"], vote["timestamp"]
+            if vote["reported_server_id"] != server_id:
+                raise NodeError(400, "invalid_packet", f"a vote by {voter[:16]}… is about another server")
+            if voter in seen:
+                raise NodeError(400, "invalid_packet", f"two votes by {voter[:16]}…")
+            seen.add(voter)
+            if voter not in keys:
+                continue  # not a voter here: its vote is not counted (and not refused), nor its signature checked
+            cast = parse_timestamp(stamp)
             if not decided_at - self.monitor.vote_window <= cast <= decided_at + self.monitor.clock_skew:
-                raise NodeError(403, "stale_vote", f"the vote of server {parsed.voter_id[:16]}… was cast at "
-                                                   f"{parsed.timestamp}, outside the decision's window")
+                raise NodeError(403, "stale_vote", f"the vote of server {voter[:16]}… was cast at {stamp}, "
+                                                   "outside the decision's window")
         except (PacketError, NodeError, TypeError) as e:
             if strict:
                 raise e if isinstance(e, NodeError) else NodeError(400, "invalid_packet", str(e)) from None
             continue
-        counted[parsed.voter_id] = vote
+        candidates.append((voter, vote))
+    counted: dict[str, dict] = {}
+    for voter, vote in candidates:
+        if not self.signature_ok(keys[voter], vote):
+            if strict:
+                raise NodeError(403, "bad_vote", f"the vote of server {voter[:16]}… is not signed by its key")
+            continue
+        counted[voter] = vote
     return counted
 
 
 @patch
-def verify_decision(self: Ballot, data: Any) -> QuorumDecision:
-    "Check a quorum decision: every vote's signature and window, and the majority in this node's own view."
+def checked_cheaply(self: Ballot, data: Any) -> QuorumDecision:
+    """A decision's checks that cost no signature. Before the schema (which costs more than the parse): at most
+    `max_voters` signed votes, and a tally it claims that could carry here. Then the schema, signed votes present,
+    distinct voters voting about the reported server, the date, and `votes` = the signed votes."""
+    signed = data.get("signed_votes") if isinstance(data, dict) else None
+    if isinstance(signed, list) and len(signed) > self.max_voters():
+        raise NodeError(400, "invalid_packet", f"the decision carries {len(signed)} votes; no electorate holds "
+                                               f"more than {self.max_voters()} servers")
+    if isinstance(signed, list) and isinstance(data.get("votes"), dict) and data.get("final_decision") in VOTE_FOR:
+        self.refuse_short_claims(str(data.get("reported_server_id")), data["final_decision"], data["votes"])
     try:
         decision = QuorumDecision.from_dict(data)
     except PacketError as e:
@@ -310,30 +360,65 @@ def verify_decision(self: Ballot, data: Any) -> QuorumDecision:
         raise NodeError(403, "stale_decision", f"the decision is dated {decision.timestamp}; this node takes "
                                                f"decisions from the last {self.monitor.decision_max_age.days or 1} "
                                                "day(s) only")
-    counted = self.verified_votes(decision.reported_server_id, decision.signed_votes, decided_at, strict=True)
+    voters = [v["voter_id"] for v in decision.signed_votes]
+    if len(set(voters)) != len(voters):
+        raise NodeError(400, "invalid_packet", "a voter appears twice among the signed votes")
+    if any(v["reported_server_id"] != decision.reported_server_id for v in decision.signed_votes):
+        raise NodeError(400, "invalid_packet", "a signed vote is about another server")
     if {v["voter_id"]: v["vote"] for v in decision.signed_votes} != dict(decision.votes):
         raise NodeError(400, "invalid_packet", "`votes` does not match the signed votes")
+    return decision
+
+
+@patch
+def _no_majority(self: Ballot, final: str, summary: dict[str, str], base: set[str]) -> NodeError:
+    yes = sum(1 for v, vote in summary.items() if v in base and vote == VOTE_FOR[final])
+    return NodeError(403, "no_majority", f"{yes} of the {len(base)} servers this node knows of voted {VOTE_FOR[final]} "
+                                         "(only votes of servers it has verified count); more than "
+                                         f"{len(base) // 2} are needed")
+
+
+@patch
+def refuse_short_claims(self: Ballot, server_id: str, final: str, votes: dict) -> None:
+    "`no_majority` if the votes a decision *claims* from this node's electorate could not carry here, even if genuine."
+    electorate, base = self.electorate(), self.quorum_base() - {server_id}
+    claimed = {voter: vote for voter, vote in votes.items() if voter in electorate}
+    if not has_majority(claimed, base, server_id, final):
+        raise self._no_majority(final, claimed, base)
+
+
+@patch
+def verify_decision(self: Ballot, data: Any) -> QuorumDecision:
+    "Check a quorum decision: the cheap checks first, then its votes (`verify_votes`)."
+    return self.verify_votes(self.checked_cheaply(data))
+
+
+@patch
+def verify_votes(self: Ballot, decision: QuorumDecision) -> QuorumDecision:
+    """A checked decision's votes (`checked_cheaply` refused it already if its claims could not carry): each counted
+    vote's window and signature, then the majority of the votes that verified, in this node's own view."""
     base = self.quorum_base() - {decision.reported_server_id}
+    counted = self.verified_votes(decision.reported_server_id, decision.signed_votes,
+                                  parse_timestamp(decision.timestamp), strict=True)
     summary = {voter: vote["vote"] for voter, vote in counted.items()}
     if not has_majority(summary, base, decision.reported_server_id, decision.final_decision):
-        yes = sum(1 for v, vote in summary.items() if v in base and vote == VOTE_FOR[decision.final_decision])
-        raise NodeError(403, "no_majority", f"{yes} of the {len(base)} servers this node knows of voted "
-                                            f"{VOTE_FOR[decision.final_decision]} (only votes of servers it has "
-                                            f"verified count); more than {len(base) // 2} are needed")
+        raise self._no_majority(decision.final_decision, summary, base)
     return decision
 
 # %% ../notebooks/09c_ballot.ipynb #eb474344
 @patch
 def close_poll(self: Ballot, poll_id: int) -> list:
-    "Tally a poll; if the votes carry, apply the decision and pass it on."
+    "Tally a poll; if the votes carry, apply the decision (with the majority's signed votes only) and pass it on."
     poll = self.polls.pop(poll_id)
     now = self.node.clock()
     counted = self.verified_votes(poll.server_id, poll.votes, now, strict=False)
     summary = {voter: vote["vote"] for voter, vote in sorted(counted.items())}
     if not has_majority(summary, self.quorum_base(), poll.server_id, poll.proposal):
         return []
-    decision = QuorumDecision(reported_server_id=poll.server_id, votes=summary, final_decision=poll.proposal,
-                              timestamp=format_timestamp(now), signed_votes=tuple(counted[v] for v in sorted(counted)))
+    agree = sorted(v for v, vote in summary.items() if vote == VOTE_FOR[poll.proposal])  # all a receiver counts
+    decision = QuorumDecision(reported_server_id=poll.server_id, votes={v: summary[v] for v in agree},
+                              final_decision=poll.proposal, timestamp=format_timestamp(now),
+                              signed_votes=tuple(counted[v] for v in agree))
     try:
         return self.apply(decision.to_dict())[1]
     except NodeError:
@@ -341,41 +426,93 @@ def close_poll(self: Ballot, poll_id: int) -> list:
 
 
 @patch
+def held_at(self: Ballot, server_id: str) -> int | None:
+    "When the decision this node holds about `server_id` was made (ms), or None."
+    row = self.node.db.execute("SELECT decided_at FROM decisions WHERE reported_server_id = ?", (server_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+@patch
 def apply(self: Ballot, data: Any) -> tuple[dict, list]:
-    "Verify a decision and apply it if it is newer than the one held: (answer, actions to pass it on)."
-    decision = self.verify_decision(data)
+    """Apply a decision if it is newer than the one held, and verifies: (answer, actions to pass it on).
+    One that is not newer is answered `applied: false` before any signature is checked: a replay costs nothing."""
+    decision = self.checked_cheaply(data)
     server_id, decided_at = decision.reported_server_id, to_millis(parse_timestamp(decision.timestamp))
-    applied = self.node.db.execute(
+    answer = {"reported_server_id": server_id, "final_decision": decision.final_decision, "applied": False}
+    held = self.held_at(server_id)
+    if held is not None and decided_at <= held:
+        return answer, []
+    self.verify_votes(decision)
+    self.node.db.execute(
         "INSERT INTO decisions (reported_server_id, decided_at, final_decision, body) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (reported_server_id) DO UPDATE SET decided_at = excluded.decided_at, "
         "final_decision = excluded.final_decision, body = excluded.body WHERE excluded.decided_at > decisions.decided_at",
-        (server_id, decided_at, decision.final_decision, json.dumps(data, separators=(",", ":")))).rowcount == 1
+        (server_id, decided_at, decision.final_decision, json.dumps(data, separators=(",", ":"))))
+    self._held = None
+    (self.blacklisted.add if decision.final_decision == "blacklisted" else self.blacklisted.discard)(server_id)
+    actions = self.node.emit(Decided(server_id, decision.final_decision)) + self.forward(data, server_id)
+    return {**answer, "applied": True}, actions
+
+
+@patch
+def forward(self: Ballot, data: dict, server_id: str) -> list[Call]:
+    "Pass an applied decision to this node's peers (not the accused, not refused ones): a flood over the peer graph."
+    peers = {s.server_id: s for s in self.peers.pinned.values()}
+    return [Call("POST", f"{server.url}/decisions", data, tag=(self.name, "forward"), timeout=10.0, max_bytes=4096)
+            for sid, server in sorted(peers.items())
+            if sid not in (server_id, self.node.id) and self.peers.refusal(sid) is None]
+
+
+@patch
+def catch_up(self: Ballot, event: PeerResolved) -> list[Call]:
+    "A peer answered (at start, or after being down): ask it for the decisions it holds, which this node may lack."
+    if self.peers.refusal(event.server.server_id) is not None:
+        return []
+    return [Call("GET", f"{event.server.url}/reputation", tag=(self.name, "catch_up", event.server.server_id),
+                 timeout=10.0, max_bytes=CATCH_UP_BYTES)]
+
+
+@patch
+def caught_up(self: Ballot, body: Any) -> list:
+    "Apply each decision of a peer's /reputation answer that is newer than ours and verifies; skip the rest."
+    decisions = body.get("decisions") if isinstance(body, dict) else None
     actions = []
-    if applied:
-        (self.blacklisted.add if decision.final_decision == "blacklisted" else self.blacklisted.discard)(server_id)
-        actions = self.node.emit(Decided(server_id, decision.final_decision))
-        actions += [Call("POST", f"{server.url}/decisions", data, tag=(self.name, "forward"), timeout=5.0, max_bytes=4096)
-                    for sid, server in self.peers.directory().items()
-                    if sid != server_id and self.peers.refusal(sid) is None]
-    return {"reported_server_id": server_id, "final_decision": decision.final_decision, "applied": applied}, actions
+    for data in decisions[:self.max_voters()] if isinstance(decisions, list) else []:
+        try:
+            actions += self.apply(data)[1]
+        except NodeError:
+            continue  # stale by now, or no majority in this node's view: not ours to apply
+    return actions
 
 
 @patch
 def receive_decision(self: Ballot, request: Request) -> Reply:
-    "POST /decisions: verify a quorum decision and apply it if it is newer than the one held."
+    """POST /decisions: verify a quorum decision and apply it if it is newer than the one held. The very bytes of a
+    decision answered before (the flood brings one copy per peer) are not newer now: answered without parsing."""
+    digest = hashlib.sha256(request.body).hexdigest()
+    if (seen := self._answered.get(digest)) is not None:
+        return Reply(200, {**seen, "applied": False})
+    # The parser's shape limits (objects, commas and colons per byte, notebook 01) scale with its byte limit: sized
+    # from this body (at least a packet's), a 128 KiB body meets the same limits here as on every other route.
+    limit = min(MAX_DECISION_BYTES, max(MAX_PACKET_BYTES, len(request.body)))
     try:
-        data = parse_json("quorum_decision", request.body)
+        data = parse_json("quorum_decision", request.body, max_bytes=limit)
     except PacketError as e:
         raise NodeError(400, "invalid_packet", str(e)) from None
     answer, actions = self.apply(data)
+    self._answered[digest] = answer
+    if len(self._answered) > 64:
+        self._answered.popitem(last=False)
     return Reply(200, answer, tuple(actions))
 
 
 @patch
 def decisions(self: Ballot) -> list[dict]:
-    "The newest decision about each server, as received."
-    rows = self.node.db.execute("SELECT body FROM decisions ORDER BY decided_at, reported_server_id").fetchall()
-    return [json.loads(body) for (body,) in rows]
+    "The newest decision about each server, as received (read from the table once after each change, not per request)."
+    if self._held is None:
+        rows = self.node.db.execute("SELECT body FROM decisions ORDER BY decided_at, reported_server_id").fetchall()
+        self._held = [json.loads(body) for (body,) in rows]
+    return list(self._held)
 
 
 @patch

@@ -117,6 +117,7 @@ class Route:
     handler: Callable[[Request], Reply]
     json_body: bool = False  # the body must be application/json (415 otherwise)
     operator: bool = False  # only the node's operator may call it (the bearer token of the data directory)
+    max_body: int | None = None  # this route's own body limit in bytes; None: the node's max_packet_bytes
 
     @property
     def name(self) -> str:
@@ -291,10 +292,9 @@ def on_request(self: Node, request: Request) -> Reply:
     try:
         if route is None:
             raise NodeError(404, "not_found", f"no endpoint {request.route}")
-        size = len(request.body)
-        if size > self.config.max_packet_bytes:
-            raise NodeError(413, "too_large", f"body is {size} bytes; this node accepts at most "
-                                              f"{self.config.max_packet_bytes}")
+        size, limit = len(request.body), route.max_body or self.config.max_packet_bytes
+        if size > limit:
+            raise NodeError(413, "too_large", f"body is {size} bytes; this node accepts at most {limit} on {route.name}")
         if route.operator and not self.is_operator(request):
             raise NodeError(401, "operator_only", f"{route.name} is for this node's operator: send "
                                                   "'Authorization: Bearer <the data directory's operator_token>'")

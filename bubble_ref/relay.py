@@ -67,11 +67,12 @@ def create_app(node: Node, handle: Callable[[Request], Reply]) -> Flask:
     "A Flask app serving every route of `node`; each request goes to `handle` (the driver)."
     app = Flask("bubble_ref.relay")
     max_bytes = node.config.max_packet_bytes
-    app.config["MAX_CONTENT_LENGTH"] = max_bytes
+    largest = max([max_bytes] + [route.max_body for route in node.routes() if route.max_body])
+    app.config["MAX_CONTENT_LENGTH"] = largest  # each view refuses more than its own route's limit first
     app.json.sort_keys = False
 
     for route in node.routes():
-        app.add_url_rule(route.rule, endpoint=route.name, view_func=_view(route, handle, max_bytes),
+        app.add_url_rule(route.rule, endpoint=route.name, view_func=_view(route, handle, route.max_body or max_bytes),
                          methods=[route.method])
 
     @app.get("/openapi.json")
@@ -94,7 +95,7 @@ def create_app(node: Node, handle: Callable[[Request], Reply]) -> Flask:
         code = HTTP_ERROR_CODES.get(error.code, "http_error")
         detail = {404: f"no endpoint {request.path}; see /openapi.json",
                   405: f"{request.method} is not allowed on {request.path}",
-                  413: f"body is larger than the {max_bytes} bytes this node accepts"}.get(error.code, error.description)
+                  413: f"body is larger than the {largest} bytes this node accepts"}.get(error.code, error.description)
         return error_response(error.code or 400, code, detail)
 
     @app.errorhandler(Exception)
@@ -517,8 +518,9 @@ class _JsonErrorTask(ErrorTask):
                  getattr(self.request, "path", "?"), error.code, error.body)
         code = HTTP_ERROR_CODES.get(error.code, "http_error")
         detail = f"{error.reason}: {error.body}"
-        if error.code == 413:  # the node's own limit, in the application's words
-            limit = self.channel.server.adj.max_request_body_size // WAITRESS_BODY_FACTOR
+        if error.code == 413:  # the node's own limit (its largest, over all routes), in the application's words
+            server = self.channel.server
+            limit = getattr(server, "largest_body", server.adj.max_request_body_size // WAITRESS_BODY_FACTOR)
             detail = f"body is larger than the {limit} bytes this node accepts"
         body = json.dumps({"error": code, "detail": detail}).encode("utf-8")
         self.status = f"{error.code} {error.reason}"
@@ -577,9 +579,11 @@ def _close_slow_requests(server) -> None:
 def create_waitress(node: Node, driver: Driver, host: str, port: int, threads: int = 4):
     "A waitress server (not yet running) for `node`'s app: JSON early errors, request deadlines, shares per address."
     server = create_server(create_app(node, driver.request), host=host, port=port, threads=threads,
-                           max_request_body_size=WAITRESS_BODY_FACTOR * node.config.max_packet_bytes,
+                           max_request_body_size=max([WAITRESS_BODY_FACTOR * node.config.max_packet_bytes] +
+                                                      [route.max_body for route in node.routes() if route.max_body]),
                            connection_limit=CONNECTION_LIMIT, channel_timeout=IDLE_TIMEOUT, cleanup_interval=2,
                            ident="bubble-ref")
     server.channel_class = _GuardedChannel
+    server.largest_body = max([node.config.max_packet_bytes] + [route.max_body for route in node.routes() if route.max_body])
     _close_slow_requests(server)
     return server

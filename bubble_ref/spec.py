@@ -73,7 +73,8 @@ OPERATIONS = (
               BODY_ERRORS + ("unsigned_report", "bad_signature", "stale_report", "blacklisted", "rate_limited")),
     Operation("POST", "/votes", "vote", "monitoring", "A server asks for this node's signed vote",
               "vote_request", 200, "vote", BODY_ERRORS + SIGNED_REQUEST_ERRORS),
-    Operation("POST", "/decisions", "decision", "monitoring", "A quorum decision with its signed votes",
+    Operation("POST", "/decisions", "decision", "monitoring",
+              "A quorum decision with the majority's signed votes (body up to 1 MiB)",
               "quorum_decision", 200, "decision_result",
               BODY_ERRORS + ("unsigned_decision", "stale_decision", "bad_vote", "stale_vote", "no_majority")),
     Operation("GET", "/turn-credentials", "turnCredentials", "calls",
@@ -121,8 +122,9 @@ ERRORS = {
     "no_majority": ErrorCode(403, "the decision lacks a majority of this node's own quorum base", "§18"),
     "not_found": ErrorCode(404, "no such route; /trace: the node does not hold the packet", "§14, §15"),
     "method_not_allowed": ErrorCode(405, "the route exists, the method does not (e.g. DELETE /messages)", "§14"),
-    "too_large": ErrorCode(413, "the body is larger than the node accepts (131072 bytes; 8192 for "
-                                "/turn-credentials), checked from Content-Length before reading", "§14, §19"),
+    "too_large": ErrorCode(413, "the body is larger than the node accepts (131072 bytes; 1048576 for "
+                                "/decisions; 8192 for /reports and /turn-credentials), checked from Content-Length "
+                                "before reading", "§14, §18, §19"),
     "unsupported_media_type": ErrorCode(415, "a body that is not Content-Type application/json", "§14"),
     "rate_limited": ErrorCode(429, "too many reports from a reporter, or TURN credentials for a key", "§18, §19"),
     "http_error": ErrorCode(0, "any other HTTP-level refusal by the web server (status as sent, e.g. 431)", "§14"),

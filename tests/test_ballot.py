@@ -61,6 +61,11 @@ class World:
         self.keys = [n.identity for n in self.nodes] + [self.x]
         self.urls = {f"http://127.0.0.{i + 1}:8000": node for i, node in enumerate(self.nodes)}
         self.verify_all()
+        for i, node in enumerate(self.nodes):  # a ring of peers: n_i's pinned peers are n_i-1 and n_i+1
+            for j in ((i - 1) % 4, (i + 1) % 4):
+                other = self.keys[j]
+                node.roles["peers"].learn_peer(f"http://127.0.0.{j + 1}:8000",
+                                               {"server_id": other.id, "public_key": other.public.b64})
 
     def verify_all(self) -> None:
         "Every node has just heard from every server, signed (as a directory round would record)."
@@ -119,19 +124,23 @@ def test_a_decision_needs_valid_signatures_and_a_real_majority(world):
     assert refusal(nodes[3], altered) == (400, "invalid_packet")
     bare = {k: v for k, v in world.decision(three, x.id).items() if k != "signed_votes"}
     assert refusal(nodes[3], bare) == (400, "unsigned_decision")
-    other = [world.vote(n.identity, nodes[0].id, "blacklist") for n in nodes[1:3]] + [three[2]]
-    assert refusal(nodes[3], world.decision(other, nodes[0].id)) == (400, "invalid_packet")  # a vote about x
-    twice = [*three[:2], three[0]]
+    other = [world.vote(n.identity, nodes[0].id, "blacklist") for n in nodes[1:3]] + \
+        [world.vote(nodes[3].identity, x.id, "blacklist")]  # it claims 3 of 4, but one of them is about x
+    assert refusal(nodes[3], world.decision(other, nodes[0].id)) == (400, "invalid_packet")
+    twice = [*three, three[0]]
     assert refusal(nodes[3], world.decision(twice, x.id)) == (400, "invalid_packet")  # one voter, two votes
     assert x.id not in ballot(nodes[3]).blacklisted
+    applied_at = world.decision(three, x.id)["timestamp"]
     applied = decide(nodes[3], world.decision(three, x.id))
     assert applied.status == 200 and applied.body == {"reported_server_id": x.id, "final_decision": "blacklisted",
                                                       "applied": True}
     assert x.id in ballot(nodes[3]).blacklisted
     assert ask(nodes[3], "GET /status").body["blacklisted"] == 1
     forwarded = calls(applied.actions, "/decisions")
-    assert sorted(c.url for c in forwarded) == sorted(f"{u}/decisions" for u in world.urls if world.urls[u] is not nodes[3]), \
-        "passed on to every known server but the accused (and itself)"
+    assert sorted(c.url for c in forwarded) == ["http://127.0.0.1:8000/decisions", "http://127.0.0.3:8000/decisions"], \
+        "passed on to its two peers in the ring only, not to every server it knows (n1, x)"
+    again = decide(nodes[3], world.decision(three, x.id) | {"timestamp": applied_at})
+    assert again.status == 200 and not again.body["applied"] and again.actions == (), "a duplicate stops the flood"
 
 
 def test_votes_must_be_fresh_and_decisions_newer_than_the_last(world):
@@ -216,7 +225,7 @@ def test_a_poll_is_called_on_own_evidence_and_counts_only_verified_signed_votes(
     assert x.id in ballot(n0).blacklisted
     decision = next(d for d in ballot(n0).decisions() if d["reported_server_id"] == x.id)
     assert stranger.id not in decision["votes"] and sorted(decision["votes"].values()).count("blacklist") == 3
-    assert len(calls(actions, "/decisions")) == 3, "and passed on"
+    assert len(calls(actions, "/decisions")) == 2, "and passed on to its two peers"
 
 
 def test_a_vote_request_is_answered_from_own_evidence_and_makes_the_node_look(world):
