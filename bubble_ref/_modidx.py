@@ -120,6 +120,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'bubble_ref.ballot': { 'bubble_ref.ballot.Ballot': ('ballot.html#ballot', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.__init__': ('ballot.html#ballot.__init__', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot._check_fresh': ('ballot.html#ballot._check_fresh', 'bubble_ref/ballot.py'),
+                                   'bubble_ref.ballot.Ballot._lately': ('ballot.html#ballot._lately', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot._no_majority': ('ballot.html#ballot._no_majority', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot._within_limits': ('ballot.html#ballot._within_limits', 'bubble_ref/ballot.py'),
                                    'bubble_ref.ballot.Ballot.answer_vote_request': ( 'ballot.html#ballot.answer_vote_request',

@@ -110,15 +110,20 @@ class Ballot:
 @patch
 def electorate(self: Ballot) -> set[str]:
     "The servers whose votes count here: verified lately by this node, not blacklisted; and this node."
-    since = self.node.clock() - self.monitor.active_window
-    return (self.peers.verified_since(since) - self.blacklisted) | {self.node.id}
+    return (self.peers.verified_since(self._lately()) - self.blacklisted) | {self.node.id}
 
 
 @patch
 def quorum_base(self: Ballot) -> set[str]:
     "What a majority is counted over: the electorate, and the servers heard of lately but not reached yet."
-    since = self.node.clock() - self.monitor.active_window
-    return self.electorate() | (self.peers.named_unverified(since, self.monitor.named_per_lister) - self.blacklisted)
+    named = self.peers.named_unverified(self._lately(), self.monitor.named_per_lister)
+    return self.electorate() | (named - self.blacklisted)
+
+
+@patch
+def _lately(self: Ballot) -> datetime:
+    "Since when an answer counts as recent: `active_window`, or two directory cycles if those take longer (06)."
+    return self.node.clock() - self.peers.verification_window(self.monitor.active_window)
 
 # %% ../notebooks/09c_ballot.ipynb #276c3dc0
 @patch

@@ -172,3 +172,28 @@ def test_a_directory_round_asks_the_peers_and_four_others_coming_back_to_each_in
                    .roles["peers"].directory_round()) == 0 and everyone.directory_fanout is None
     finally:
         node.close()
+
+
+def test_the_electorate_window_follows_the_directory_cycle(tmp_path):
+    "With 300 servers known and 4 asked per 10 s round, a cycle is 750 s: an answer counts as recent for 1500 s."
+    from bubble_ref.ballot import open_monitored_node
+    from bubble_ref.mesh import Server
+
+    clock = ManualClock()
+    node = open_monitored_node(tmp_path / "n", clock=clock, rng=random.Random(0))
+    try:
+        peers, ballot = node.roles["peers"], node.roles["ballot"]
+        keys = sim_keys(64)
+        servers = [Server(f"{i:064x}", f"http://10.0.{i // 250}.{i % 250 + 1}:8000", keys[i % 64].public)
+                   for i in range(300)]
+        old, older = servers[0], servers[1]
+        for server in servers:
+            peers.remember(server, listed_by=None)
+        node.db.execute("UPDATE servers SET verified_at = ? WHERE server_id = ?",
+                        (int((clock() - timedelta(minutes=20)).timestamp() * 1000), old.server_id))
+        node.db.execute("UPDATE servers SET verified_at = ? WHERE server_id = ?",
+                        (int((clock() - timedelta(minutes=30)).timestamp() * 1000), older.server_id))
+        assert peers.verification_window(timedelta(minutes=10)) == timedelta(seconds=2 * 75 * 10)
+        assert old.server_id in ballot.electorate() and older.server_id not in ballot.electorate()
+    finally:
+        node.close()
