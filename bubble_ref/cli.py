@@ -354,7 +354,8 @@ def _add_node_parser(commands) -> None:
                            "accepted once; 'spec' also accepts the seed's fixed phrase, which anyone who saw it once "
                            "can replay forever (default: hardened)")
     node.add_argument("--max-packet-bytes", type=int, default=MAX_PACKET_BYTES,
-                      help=f"largest request body accepted (default: {MAX_PACKET_BYTES})")
+                      help=f"largest request body accepted (default: {MAX_PACKET_BYTES}); POST /decisions has "
+                           "its own limit, 1 MiB (PROTOCOL.md §18)")
     node.add_argument("--page-size", type=int, default=100,
                       help="most messages returned by one GET /messages (default: 100)")
     node.add_argument("--threads", type=int, default=4, help="waitress worker threads (default: 4)")
