@@ -542,7 +542,7 @@ def _node_processes(root: str, links: list[list[int]], options: dict[int, list[s
              "--log-level", "WARNING", *peers, *(options or {}).get(i, [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    headers, session, deadline = [], requests.Session(), time.monotonic() + 60
+    headers, session, deadline = [], requests.Session(), time.monotonic() + 120  # generous: a busy machine
     for i, url in enumerate(urls):  # every node up, and every node knows its neighbours
         while True:
             try:  # peer counts and /trace are for the operator: the token is in the node's data folder
@@ -556,7 +556,7 @@ def _node_processes(root: str, links: list[list[int]], options: dict[int, list[s
             if time.monotonic() > deadline:
                 for p in processes:
                     p.terminate()
-                raise RuntimeError("the bench mesh did not come up in 60 s")
+                raise RuntimeError("the bench mesh did not come up in 120 s")
             time.sleep(0.05)
     return urls, headers, processes
 
@@ -599,7 +599,7 @@ class LiveMeshFigures:
     nodes: int
     messages: int
     payload_sends_per_message_per_node: float  # relays attempted and packets sent by sync, per packet, per node
-    delivery: float  # of the copies the honest nodes should hold, the share they held within 60 s
+    delivery: float  # of the copies the honest nodes should hold, the share they held within 120 s
     blacklisted_after: float | None  # seconds from start until every honest node blacklisted the dropper
     audit_interval: float
 
@@ -629,7 +629,7 @@ def _live_mesh(nodes: int, messages: int, audit_interval: float = 10.0, wait: fl
                 packet = seal(alice, bob.public.b64, f"live bench {m}", min_padded=2048).to_dict()
                 posted.append(session.post(f"{urls[origin]}/messages", json=packet, timeout=10).json()["packet_id"])
                 time.sleep(0.2)
-            held, deadline = set(), time.monotonic() + 60
+            held, deadline = set(), time.monotonic() + 120
             while len(held) < len(posted) * len(honest) and time.monotonic() < deadline:
                 held |= {(i, p) for i in honest for p in posted if (i, p) not in held and session.get(
                     f"{urls[i]}/trace/{p}", headers=headers[i], timeout=10).status_code == 200}
