@@ -88,6 +88,7 @@ class MeshConfig:
     sync_fetch_ids: int = 64  # packets asked for in one POST /sync/fetch (the schema's maximum)
     relay_window: int = 8  # relays in flight to one peer at a time
     plumtree: bool = True  # stop relaying to a peer that had a packet already (1.2); False: flood to every peer (1.1)
+    held_back_wait: timedelta = timedelta(seconds=5)  # an off-tree copy waits this long for the tree's, then goes on
     resolve_retry: timedelta = timedelta(milliseconds=500)  # first wait before asking a silent peer again
     directory_interval: timedelta = timedelta(seconds=10)  # how often to ask servers for their lists ...
     directory_fanout: int | None = 4  # ... the peers and this many others (None: every known server, as in 1.1)
@@ -544,12 +545,13 @@ class Broadcast:
         self.in_flight: dict[str, set[bytes]] = {}  # peer url -> ids of the packets on their way to it
         self.wake_at: dict[str, datetime] = {}  # peer url -> when a timer will pump it
         self.lazy: set[str] = set()  # peer urls off the tree: only packets posted here go to them (and come from them)
-        self.held_back: OrderedDict = OrderedDict()  # packet id -> hops, for copies that came off the tree
+        self.held_back: OrderedDict = OrderedDict()  # packet id -> (hops, sender url), copies that came off the tree
+        self.released: OrderedDict = OrderedDict()  # packet ids passed on before the tree's copy came (see release)
         self.relays_sent = 0  # POST /relay attempts since start (for the operator: what this node's broadcast costs)
         self._signatures: OrderedDict = OrderedDict()
         node.db.executescript(BROADCAST_SCHEMA)
         node.on(PacketStoring, self.queue)
-        node.on(PacketStored, lambda event: self.pump() if event.created else [])
+        node.on(PacketStored, self.stored)
         node.on(PeerResolved, lambda event: self.pump(event.server.url))
         node.on(Swept, self.prune)
         node.on(Grafted, self.graft)
@@ -572,11 +574,38 @@ def queue(self: Broadcast, event: PacketStoring) -> None:
         return  # the packet has travelled as far as it may (or this node keeps it to itself)
     sender = self.peers.peer(event.came_from) if event.came_from else None
     if sender is not None and sender.url in self.lazy:
-        self.held_back[row.packet_id] = event.hops  # an origin's copy off the tree: the tree's copy will follow
+        self.held_back[row.packet_id] = (event.hops, sender.url)  # an origin's copy off the tree: the tree's follows
         if len(self.held_back) > 10_000:
             self.held_back.popitem(last=False)
         return
     self.enqueue(db, row.packet_id, event.hops + 1, sender.url if sender else None, everyone=event.came_from is None)
+
+
+@patch
+def stored(self: Broadcast, event: PacketStored) -> list:
+    "After the commit: send what was queued; for a copy held back, a timer to stop waiting for the tree's copy."
+    if not event.created:
+        return []
+    waiting = [After(self.mesh.held_back_wait, (self.name, "release", event.row.packet_id))] \
+        if event.row.packet_id in self.held_back else []
+    return self.pump() + waiting
+
+
+@patch
+def release(self: Broadcast, packet_id: str) -> list:
+    """The tree's copy of a held-back packet did not come in time: the tree is broken on the origin's side (a node
+    on it died, or drops). Pass the copy on over our tree links now; its later echo over a tree link prunes nothing."""
+    held = self.held_back.pop(packet_id, None)
+    if held is None:
+        return []  # the tree's copy came, and went on
+    hops, sender_url = held
+    self.released[packet_id] = None
+    if len(self.released) > 10_000:
+        self.released.popitem(last=False)
+    if hops >= self.mesh.hop_limit or self.node.mailbox.get(packet_id) is None:
+        return []
+    self.enqueue(self.node.db, packet_id, hops + 1, sender_url, everyone=False)
+    return self.pump()
 
 
 @patch
@@ -678,6 +707,8 @@ def on_answer(self: Broadcast, tag: tuple, status: int | None, body: Any) -> lis
 
 @patch
 def on_timer(self: Broadcast, tag: tuple) -> list:
+    if tag[1] == "release":
+        return self.release(tag[2])
     self.wake_at.pop(tag[2], None)
     return self.pump(tag[2])
 
@@ -733,6 +764,8 @@ def on_tree_duplicate(self: Broadcast, packet_id: str, hops: int, sender: Server
         if hops < self.mesh.hop_limit:
             self.enqueue(self.node.db, packet_id, hops + 1, sender.url, everyone=False)
         return self.pump()
+    if packet_id in self.released:
+        return []  # we passed it on early (the tree's copy was late): this echo says nothing about a cycle
     self.lazy.add(sender.url)
     answer["prune"] = True
     return []

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from bubble_ref.envelope import packet_id, seal
-from bubble_ref.mesh import HOP_LIMIT, build_topology, open_mesh_node, sign_relay
+from bubble_ref.mesh import HOP_LIMIT, MeshConfig, build_topology, open_mesh_node, sign_relay
 from bubble_ref.node import NodeConfig
 from bubble_ref.store import ManualClock
 from bubble_ref.strategies import (
@@ -270,13 +270,15 @@ def test_flood_targets_rule():
 @pytest.fixture
 def small_mesh(tmp_path):
     """Real mesh nodes in process on a ManualClock, no sockets: B peers with A, C and D (a star), and every node
-    has pinned its peers' keys from their /status."""
+    has pinned its peers' keys from their /status. They flood as 1.1 did (`plumtree=False`): the model `Flood` is
+    compared with that; 1.2's tree is tested on the real classes in tests/test_plumtree.py."""
     clock = ManualClock()
     names = "ABCD"
     url = {n: f"http://{n.lower()}.mesh.test:8000" for n in names}
     star = {"A": "B", "B": "ACD", "C": "B", "D": "B"}
     nodes = {n: open_mesh_node(tmp_path / n, peers=tuple(url[p] for p in star[n]), clock=clock,
-                               rng=random.Random(i), config=NodeConfig(name=n)) for i, n in enumerate(names)}
+                               rng=random.Random(i), config=NodeConfig(name=n), mesh=MeshConfig(plumtree=False))
+             for i, n in enumerate(names)}
     for n in names:
         nodes[n].url = url[n]
     for n in names:

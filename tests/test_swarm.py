@@ -159,6 +159,18 @@ def test_delivery_is_not_owed_across_a_link_one_end_blacklisted():
     assert relay_reach(line, "n3", cut) == {"n2", "n3"} and relay_reach(line, "n0", cut) == {"n0", "n1"}
 
 
+def test_seed_152_the_colluders_victim_never_applies_a_decision_about_itself():
+    """The second 200-seed swarm on protocol 1.2 found the victim n2 blacklisting *itself* at t=5.6: its electorate
+    was the two colluders, whose decision carried a majority of it. A node never applies (or passes on) a decision
+    about itself, and no honest node blacklists n2."""
+    scenario = make_scenario(152)
+    assert scenario.victim == "n2" and sorted(n for n, b in scenario.behaviour.items() if b == "collude") == ["n0", "n1"]
+    run = run_scenario(scenario)
+    assert run.bugs == [] and run.violations == [], run.violations
+    assert all(run.first_blacklisting("n2", by=judge) is None for judge in scenario.honest)  # n2 itself included
+    assert run.first_blacklisting("n2", by="n0") is not None, "the colluders did blacklist n2, by their own lie"
+
+
 def test_seed_73_a_colluder_that_blacklists_its_only_link_is_cut_off_and_caught():
     """The 200-seed swarm's only violation: n4 (a colluder) is linked to its victim n1 alone and has verified nobody
     when it first calls a vote, so its own vote is a majority of its electorate; it blacklists n1 at t=5 and so
