@@ -151,8 +151,10 @@ class MeshCommand:
 
     def __init__(self, *args: str, env: dict | None = None):
         script = Path(sys.executable).parent / "bubble-ref"
+        # Ctrl-C as a terminal delivers it: a shell that runs jobs in the background (CI started with `&`) hands its
+        # children SIGINT *ignored*, and Python then installs no KeyboardInterrupt; give the command the default.
         self.proc = subprocess.Popen([str(script), "mesh", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
+                                     text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[str] = []
 
     def wait_for(self, phrase: str, timeout: float = 400.0) -> str:
