@@ -322,13 +322,16 @@ def test_every_route_of_a_real_node_answers_as_documented(mesh, tmp_path):
           "no_majority")
     check("/decisions", "POST", requests.post(f"{b.url}/decisions", json={
         k: v for k, v in decision.items() if k != "signed_votes"}, timeout=HTTP_TIMEOUT), 400, "unsigned_decision")
-    # B's quorum base, when B itself is the accused, is A alone: A's signed whitelist vote carries a (harmless) decision
+    # A's quorum base, when B is the accused, is A alone: A's own signed whitelist vote carries a (harmless) decision.
+    # B answers the same decision about itself, but never applies it (PROTOCOL §18).
     whitelist = sign_body(a_key, Vote(voter_id=a_key.id, reported_server_id=b_id, vote="whitelist",
                                       timestamp=format_timestamp(now())).to_dict())
-    decided = check("/decisions", "POST", requests.post(f"{b.url}/decisions", json=QuorumDecision(
-        reported_server_id=b_id, votes={a_key.id: "whitelist"}, final_decision="whitelisted",
-        timestamp=format_timestamp(now()), signed_votes=(whitelist,)).to_dict(), timeout=HTTP_TIMEOUT), 200)
+    about_b = QuorumDecision(reported_server_id=b_id, votes={a_key.id: "whitelist"}, final_decision="whitelisted",
+                             timestamp=format_timestamp(now()), signed_votes=(whitelist,)).to_dict()
+    decided = check("/decisions", "POST", requests.post(f"{a.url}/decisions", json=about_b, timeout=HTTP_TIMEOUT), 200)
     assert decided == {"reported_server_id": b_id, "final_decision": "whitelisted", "applied": True}
+    itself = check("/decisions", "POST", requests.post(f"{b.url}/decisions", json=about_b, timeout=HTTP_TIMEOUT), 200)
+    assert itself == {"reported_server_id": b_id, "final_decision": "whitelisted", "applied": False}
 
     # any route
     for method, path, status, code in (("DELETE", "/messages", 405, "method_not_allowed"),
