@@ -602,7 +602,13 @@ def release(self: Broadcast, packet_id: str) -> list:
     self.released[packet_id] = None
     if len(self.released) > 10_000:
         self.released.popitem(last=False)
-    if hops >= self.mesh.hop_limit or self.node.mailbox.get(packet_id) is None:
+    return self.pass_on(packet_id, hops, sender_url) if self.node.mailbox.get(packet_id) is not None else []
+
+
+@patch
+def pass_on(self: Broadcast, packet_id: str, hops: int, sender_url: str) -> list:
+    "Relay a held packet on our tree links (not back to `sender_url`) after `hops` hops, within the hop limit."
+    if hops >= self.mesh.hop_limit:
         return []
     self.enqueue(self.node.db, packet_id, hops + 1, sender_url, everyone=False)
     return self.pump()
@@ -761,9 +767,7 @@ def on_tree_duplicate(self: Broadcast, packet_id: str, hops: int, sender: Server
     """A copy we hold came again over a tree link. After an off-tree copy (held back), this is the tree's copy:
     pass it on now. Otherwise the mesh has a cycle here: take this link off the tree (and tell the sender)."""
     if self.held_back.pop(packet_id, None) is not None:
-        if hops < self.mesh.hop_limit:
-            self.enqueue(self.node.db, packet_id, hops + 1, sender.url, everyone=False)
-        return self.pump()
+        return self.pass_on(packet_id, hops, sender.url)
     if packet_id in self.released:
         return []  # we passed it on early (the tree's copy was late): this echo says nothing about a cycle
     self.lazy.add(sender.url)

@@ -37,9 +37,9 @@ refusals = logging.getLogger("bubble_ref.relay.refused")  # one more line per re
 
 # %% auto #0
 __all__ = ['log', 'refusals', 'HTTP_ERROR_CODES', 'CALL_HEADERS', 'WAITRESS_BODY_FACTOR', 'REQUEST_DEADLINE',
-           'CONNECTIONS_PER_ADDRESS', 'CONNECTION_LIMIT', 'IDLE_TIMEOUT', 'error_response', 'refuse_body', 'create_app',
-           'openapi_document', 'Timers', 'Deadlines', 'CallFailed', 'Link', 'fetch', 'Executor', 'Driver',
-           'RunningNode', 'start_server', 'announce_line', 'run_node', 'create_waitress']
+           'CONNECTIONS_PER_ADDRESS', 'CONNECTION_LIMIT', 'IDLE_TIMEOUT', 'error_response', 'refuse_body',
+           'largest_body', 'create_app', 'openapi_document', 'Timers', 'Deadlines', 'CallFailed', 'Link', 'fetch',
+           'Executor', 'Driver', 'RunningNode', 'start_server', 'announce_line', 'run_node', 'create_waitress']
 
 # %% ../notebooks/05b_relay.ipynb #a2b0914b
 HTTP_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
@@ -63,11 +63,15 @@ def refuse_body(max_bytes: int) -> Response | None:
     return None
 
 # %% ../notebooks/05b_relay.ipynb #ce62b9a6
+def largest_body(node: Node) -> int:
+    "The largest body any route of `node` accepts: its own `max_body`, or the node's `max_packet_bytes`."
+    return max([node.config.max_packet_bytes] + [route.max_body for route in node.routes() if route.max_body])
+
+
 def create_app(node: Node, handle: Callable[[Request], Reply]) -> Flask:
     "A Flask app serving every route of `node`; each request goes to `handle` (the driver)."
     app = Flask("bubble_ref.relay")
-    max_bytes = node.config.max_packet_bytes
-    largest = max([max_bytes] + [route.max_body for route in node.routes() if route.max_body])
+    max_bytes, largest = node.config.max_packet_bytes, largest_body(node)
     app.config["MAX_CONTENT_LENGTH"] = largest  # each view refuses more than its own route's limit first
     app.json.sort_keys = False
 
@@ -519,8 +523,7 @@ class _JsonErrorTask(ErrorTask):
         code = HTTP_ERROR_CODES.get(error.code, "http_error")
         detail = f"{error.reason}: {error.body}"
         if error.code == 413:  # the node's own limit (its largest, over all routes), in the application's words
-            server = self.channel.server
-            limit = getattr(server, "largest_body", server.adj.max_request_body_size // WAITRESS_BODY_FACTOR)
+            limit = self.channel.server.largest_body
             detail = f"body is larger than the {limit} bytes this node accepts"
         body = json.dumps({"error": code, "detail": detail}).encode("utf-8")
         self.status = f"{error.code} {error.reason}"
@@ -579,11 +582,11 @@ def _close_slow_requests(server) -> None:
 def create_waitress(node: Node, driver: Driver, host: str, port: int, threads: int = 4):
     "A waitress server (not yet running) for `node`'s app: JSON early errors, request deadlines, shares per address."
     server = create_server(create_app(node, driver.request), host=host, port=port, threads=threads,
-                           max_request_body_size=max([WAITRESS_BODY_FACTOR * node.config.max_packet_bytes] +
-                                                      [route.max_body for route in node.routes() if route.max_body]),
+                           max_request_body_size=max(WAITRESS_BODY_FACTOR * node.config.max_packet_bytes,
+                                                     largest_body(node)),
                            connection_limit=CONNECTION_LIMIT, channel_timeout=IDLE_TIMEOUT, cleanup_interval=2,
                            ident="bubble-ref")
     server.channel_class = _GuardedChannel
-    server.largest_body = max([node.config.max_packet_bytes] + [route.max_body for route in node.routes() if route.max_body])
+    server.largest_body = largest_body(node)  # what a 413 names (_JsonErrorTask)
     _close_slow_requests(server)
     return server
