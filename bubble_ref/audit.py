@@ -119,8 +119,10 @@ class Auditor:
         self.node, self.service, self.peers, self.monitor = node, service, peers, monitor
         self.keys: dict[int, Identity] = {}  # audit id -> the throwaway recipient key (memory only)
         self.checks: dict[int, Check] = {}
-        self.suspects: deque[str] = deque()
+        self.suspects: deque[str] = deque(maxlen=8 * monitor.suspect_audits)  # the oldest go: reports cannot grow it
         self.suspected: dict[str, datetime] = {}  # server id -> when the last round of suspect audits began
+        self.unplanned_at: datetime | None = None  # when the last audit off the schedule (a suspicion's first) began
+        self.random_turn = False  # every other scheduled audit is of a random server, whatever the suspects
         node.db.executescript(AUDIT_SCHEMA)
         node.on(Suspicion, self.suspect)
 
@@ -132,16 +134,26 @@ class Auditor:
             self._set_state(audit_id, audit_move(state, "abandoned"))
         return self._next_timer()
 
-    def _next_timer(self) -> list:
+    def spacing(self) -> timedelta | None:
+        """Mean time between two audits: `audit_interval`, stretched in a mesh of more than `full_audit_rate_up_to`
+        servers, so that the mesh sends as many audit packets (each kept by every node for 7 days) as that many
+        servers would, however large it grows (§18)."""
         if self.monitor.audit_interval is None:
+            return None
+        servers = len(self.peers.directory()) + 1
+        return self.monitor.audit_interval * max(1.0, servers / self.monitor.full_audit_rate_up_to)
+
+    def _next_timer(self) -> list:
+        spacing = self.spacing()
+        if spacing is None:
             return []
-        delay = self.monitor.audit_interval * self.node.rng.uniform(0.5, 1.5)
-        return [After(delay, (self.name, "next"))]
+        return [After(spacing * self.node.rng.uniform(0.5, 1.5), (self.name, "next"))]
 
 # %% ../notebooks/09b_audit.ipynb #851f17bd
 @patch
 def suspect(self: Auditor, event: Suspicion) -> list:
-    "Audit this server `suspect_audits` times, starting now — at most once per `suspect_window` per server."
+    """Audit this server `suspect_audits` times, first in line — at most once per `suspect_window` per server; the
+    first at once, unless another audit off the schedule began less than a `spacing` ago."""
     now, last = self.node.clock(), self.suspected.get(event.server_id)
     if event.server_id == self.node.id or event.server_id not in self.peers.directory():
         return []
@@ -149,16 +161,23 @@ def suspect(self: Auditor, event: Suspicion) -> list:
         return []  # looked at lately: a stream of reports must not turn this node into a weapon
     self.suspected[event.server_id] = now
     self.suspects.extend([event.server_id] * self.monitor.suspect_audits)
+    spacing = self.spacing()
+    if spacing is not None and self.unplanned_at is not None and now - self.unplanned_at < spacing:
+        return []  # the next scheduled audit takes it: reports about many servers do not raise the audit rate
+    self.unplanned_at = now
     return self.begin(self.suspects.popleft())
 
 
 @patch
 def pick_target(self: Auditor) -> Server | None:
+    "The next suspect, or a random known server: every other time a random one, so reports steer half at most."
     servers = self.peers.directory()
-    while self.suspects:
+    while self.suspects and not self.random_turn:
         target = self.suspects.popleft()
         if target in servers:
+            self.random_turn = True
             return servers[target]
+    self.random_turn = False
     candidates = sorted(servers)
     return servers[self.node.rng.choice(candidates)] if candidates else None
 

@@ -391,7 +391,8 @@ def _add_mesh_options(node) -> None:
 
 def _add_monitor_options(node) -> None:
     node.add_argument("--audit-interval", type=float, default=60.0, metavar="SECONDS",
-                      help="mean time between two audits of another server (default: 60; 0 turns audits off)")
+                      help="mean time between two audits of another server (default: 60; 0 turns audits off), "
+                           "stretched by N / 25 in a mesh of N > 25 servers")
     node.add_argument("--audit-deadline", type=float, default=2.0, metavar="SECONDS",
                       help="how long an audited server has to relay the audit packet (default: 2; must be "
                            "shorter than --sync-interval)")

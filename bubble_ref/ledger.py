@@ -37,6 +37,7 @@ class MonitorConfig:
     blacklist_below: float = 0.5  # vote to blacklist (and call a vote) under this score
     whitelist_from: float = 0.7  # vote to whitelist (and call a vote about a blacklisted server) from this score
     audit_interval: timedelta | None = timedelta(seconds=60)  # mean time between two audits; None: no audits
+    full_audit_rate_up_to: int = 25  # servers; in a larger mesh each audits less often: storage per node (§18)
     audit_deadline: timedelta = timedelta(seconds=2)  # must be shorter than the anti-entropy interval
     audit_recheck: timedelta = timedelta(seconds=15)  # a second look, past a lost relay's timeout and retry
     audit_checks: int = 3  # how many servers an auditor asks after the deadline (the target's neighbours first)

@@ -327,9 +327,83 @@ def test_a_suspicion_starts_audits_of_that_server_at_most_once_per_window(known)
     assert node.emit(Suspicion(suspect)) == [], "a stream of reports does not make a stream of audits"
     assert node.emit(Suspicion(node.id)) == [] and node.emit(Suspicion("ef" * 32)) == [], \
         "never itself, never a server it does not know"
-    assert [auditor.pick_target().server_id for _ in range(QUIET.suspect_audits - 1)] == [suspect] * 3
+    picked = [auditor.pick_target().server_id for _ in range(2 * (QUIET.suspect_audits - 1))]
+    assert picked[0::2] == [suspect] * 3, "the suspect's audits come first in line ..."
+    assert suspect not in picked[1::2] or len(servers) < 3, "... every other turn: the turns between are random"
     clock.advance(QUIET.suspect_window)
     assert len(node.emit(Suspicion(suspect))) == 1, "a window later, it looks again"
+
+
+def test_reports_steer_at_most_every_other_scheduled_audit(known):
+    "A liar who reports server after server fills the line of suspects; half the scheduled audits stay random."
+    node, servers, clock = known
+    auditor = node.roles["audit"]
+    for server in servers[:4]:
+        node.emit(Suspicion(server.server_id))
+    assert len(auditor.suspects) == 4 * (QUIET.suspect_audits - 1), "(each suspicion's first audit began at once)"
+    turns = []
+    for _ in range(8):
+        state = auditor.node.rng.getstate()
+        auditor.pick_target()
+        turns.append("random" if auditor.node.rng.getstate() != state else "suspect")
+    assert turns == ["suspect", "random"] * 4
+
+
+SCHEDULED = MonitorConfig(audit_interval=timedelta(seconds=60))  # the node's default schedule
+
+
+@pytest.fixture
+def scheduled(tmp_path):
+    "A node with a ledger and an auditor on the default audit schedule, knowing no server yet, on a manual clock."
+    clock = ManualClock()
+    keys = iter(sim_keys(64)[32:])
+    node = Node.open(tmp_path / "n", clock=clock, rng=random.Random(5), new_identity=lambda: next(keys),
+                     config=NodeConfig(name="n"))
+    roles = add_mesh_roles(node, (), SLOW_SYNC)
+    node.add(Ledger(node, SCHEDULED))
+    auditor = node.add(Auditor(node, roles.service, roles.peers, SCHEDULED))
+    yield node, roles.peers, auditor, clock
+    node.close()
+
+
+def test_audits_thin_out_in_a_large_mesh_so_audit_storage_per_node_is_bounded(scheduled):
+    """Every audit packet is kept by every node for 7 days, so the mesh's audit rate, not one node's, sets each node's
+    storage: above `full_audit_rate_up_to` servers each node audits less often, in proportion."""
+    node, peers, auditor, clock = scheduled
+    base = SCHEDULED.audit_interval
+    servers = [Server(f"{i:064x}", f"http://127.0.2.{i % 250 + 1}:{8000 + i}", sim_keys(2)[1].public)
+               for i in range(1, 1000)]
+    mean_spacing = {}
+    for size in (10, 25, 100, 1000):
+        for server in servers[:size - 1]:
+            peers.remember(server, listed_by=None, verified=True)
+        assert len(peers.directory()) + 1 == size
+        mean_spacing[size] = auditor.spacing()
+        delays = [auditor._next_timer()[0].delay for _ in range(200)]
+        assert all(0.5 * mean_spacing[size] <= d <= 1.5 * mean_spacing[size] for d in delays)
+    assert mean_spacing[10] == mean_spacing[25] == base, "a small mesh audits at the configured rate"
+    assert mean_spacing[100] == base * 4 and mean_spacing[1000] == base * 40
+    for size, spacing in mean_spacing.items():  # audit packets the whole mesh makes per hour
+        assert size * (timedelta(hours=1) / spacing) <= SCHEDULED.full_audit_rate_up_to * 60
+    assert 1000 * (timedelta(hours=1) / mean_spacing[1000]) == 100 * (timedelta(hours=1) / mean_spacing[100])
+
+
+def test_reports_about_many_servers_start_one_audit_off_the_schedule_per_spacing(scheduled):
+    "Reports cannot raise a node's audit rate: the first suspicion audits at once, the next wait for a spacing."
+    node, peers, auditor, clock = scheduled
+    *servers, later = sim_servers(7)
+    for server in (*servers, later):
+        peers.remember(server, listed_by=None, verified=True)
+    started = [len(node.emit(Suspicion(s.server_id))) for s in servers]
+    assert started == [1, 0, 0, 0, 0, 0], "one at once; the others wait in line for the scheduled audits"
+    assert len(auditor.suspects) == min(6 * SCHEDULED.suspect_audits - 1, auditor.suspects.maxlen)
+    clock.advance(auditor.spacing() * 0.99)
+    assert node.emit(Suspicion(later.server_id)) == [], "still within the spacing"
+    clock.advance(auditor.spacing() * 0.01)
+    assert len(node.emit(Suspicion(servers[0].server_id))) == 0, "(that one was looked at lately)"
+    assert len(node.emit(Suspicion(later.server_id))) == 0, "(and that one just now: it waits in line)"
+    clock.advance(SCHEDULED.suspect_window)
+    assert len(node.emit(Suspicion(servers[1].server_id))) == 1, "a spacing later, one more at once"
 
 
 def test_a_failed_audit_is_reported_to_every_known_server_but_the_accused(known):
