@@ -27,7 +27,8 @@ from bubble_ref.packets import (
 from .store import to_millis
 
 # %% auto #0
-__all__ = ['BALLOT_SCHEMA', 'MAX_DECISION_BYTES', 'CATCH_UP_BYTES', 'Decided', 'Poll', 'Ballot', 'open_monitored_node']
+__all__ = ['BALLOT_SCHEMA', 'MAX_DECISION_BYTES', 'DECISION_FANOUT', 'CATCH_UP_BYTES', 'Decided', 'Poll', 'Ballot',
+           'open_monitored_node']
 
 # %% ../notebooks/09c_ballot.ipynb #d14052e6
 BALLOT_SCHEMA = """
@@ -50,6 +51,7 @@ CREATE TABLE IF NOT EXISTS decisions (
 """
 
 MAX_DECISION_BYTES = 1024 * 1024  # POST /decisions: room for 1024 signed votes (the schema's cap) of ~770 B each
+DECISION_FANOUT = 4  # random servers beyond the peers a decision goes to: across an accused cut vertex (seed 43)
 CATCH_UP_BYTES = 8 * MAX_DECISION_BYTES  # a peer's GET /reputation, read when it is (re)resolved
 
 
@@ -463,11 +465,15 @@ def apply(self: Ballot, data: Any) -> tuple[dict, list]:
 
 @patch
 def forward(self: Ballot, data: dict, server_id: str) -> list[Call]:
-    "Pass an applied decision to this node's peers (not the accused, not refused ones): a flood over the peer graph."
-    peers = {s.server_id: s for s in self.peers.pinned.values()}
-    return [Call("POST", f"{server.url}/decisions", data, tag=(self.name, "forward"), timeout=10.0, max_bytes=4096)
-            for sid, server in sorted(peers.items())
-            if sid not in (server_id, self.node.id) and self.peers.refusal(sid) is None]
+    """Pass an applied decision to this node's peers and `DECISION_FANOUT` other servers picked at random (never the
+    accused, nor one this node refuses): a flood over the peer graph that also jumps over an accused cut vertex."""
+    fit = lambda sid: sid not in (server_id, self.node.id) and self.peers.refusal(sid) is None
+    peers = sorted(s.server_id for s in self.peers.pinned.values() if fit(s.server_id))
+    known = self.peers.directory()
+    others = sorted(sid for sid in known if sid not in peers and fit(sid))
+    targets = peers + self.node.rng.sample(others, min(DECISION_FANOUT, len(others)))
+    return [Call("POST", f"{known[sid].url}/decisions", data, tag=(self.name, "forward"), timeout=10.0,
+                 max_bytes=4096) for sid in targets]
 
 
 @patch

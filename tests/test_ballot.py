@@ -137,8 +137,8 @@ def test_a_decision_needs_valid_signatures_and_a_real_majority(world):
     assert x.id in ballot(nodes[3]).blacklisted
     assert ask(nodes[3], "GET /status").body["blacklisted"] == 1
     forwarded = calls(applied.actions, "/decisions")
-    assert sorted(c.url for c in forwarded) == ["http://127.0.0.1:8000/decisions", "http://127.0.0.3:8000/decisions"], \
-        "passed on to its two peers in the ring only, not to every server it knows (n1, x)"
+    assert sorted(c.url for c in forwarded) == [f"http://127.0.0.{i}:8000/decisions" for i in (1, 2, 3)], \
+        "passed on to its two peers in the ring and up to DECISION_FANOUT others it knows (here n1), never x"
     again = decide(nodes[3], world.decision(three, x.id) | {"timestamp": applied_at})
     assert again.status == 200 and not again.body["applied"] and again.actions == (), "a duplicate stops the flood"
 
@@ -225,7 +225,7 @@ def test_a_poll_is_called_on_own_evidence_and_counts_only_verified_signed_votes(
     assert x.id in ballot(n0).blacklisted
     decision = next(d for d in ballot(n0).decisions() if d["reported_server_id"] == x.id)
     assert stranger.id not in decision["votes"] and sorted(decision["votes"].values()).count("blacklist") == 3
-    assert len(calls(actions, "/decisions")) == 2, "and passed on to its two peers"
+    assert len(calls(actions, "/decisions")) == 3, "and passed on to its two peers and the one other it knows"
 
 
 def test_a_vote_request_is_answered_from_own_evidence_and_makes_the_node_look(world):

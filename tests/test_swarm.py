@@ -171,6 +171,24 @@ def test_seed_152_the_colluders_victim_never_applies_a_decision_about_itself():
     assert run.first_blacklisting("n2", by="n0") is not None, "the colluders did blacklist n2, by their own lie"
 
 
+def test_seed_43_an_honest_node_that_blacklists_its_only_link_passes_the_decision_across_it():
+    """The dual of seed 73, found by the swarm after audits were thinned out: n4 (honest) is linked only to n3, a
+    selective dropper. n4 blacklists n3 first, on a quorum of the others' votes, and from then on relays nothing to
+    n3, as §18 wants. With decisions passed to peers only, nobody else heard of it (n4's only peer was the accused),
+    so the others kept asking n3 for n4's audit packets, found them missing, and blacklisted honest n4 at t=185.
+    A decision also goes to `DECISION_FANOUT` random servers: the others apply it at once, and n3 is no witness."""
+    scenario = make_scenario(43)
+    assert scenario.links[4] == (3,) and scenario.behaviour["n3"] == "selective"
+    assert all(b == "honest" for n, b in scenario.behaviour.items() if n != "n3")
+    run = run_scenario(scenario)
+    assert run.bugs == [] and run.violations == [], run.violations
+    first = run.first_blacklisting("n3", by="n4")
+    assert first is not None, "n4 blacklisted the dropper"
+    for judge in ("n0", "n1", "n2"):
+        assert run.first_blacklisting("n3", by=judge) - first < 1.0, f"{judge} heard of n4's decision at once"
+    assert all(run.first_blacklisting("n4", by=judge) is None for judge in scenario.names)
+
+
 def test_seed_73_a_colluder_that_blacklists_its_only_link_is_cut_off_and_caught():
     """The 200-seed swarm's only violation: n4 (a colluder) is linked to its victim n1 alone and has verified nobody
     when it first calls a vote, so its own vote is a majority of its electorate; it blacklists n1 at t=5 and so
