@@ -351,7 +351,10 @@ class StoreBench:
     longest_sweep_step: float  # seconds one sweep step held the mailbox (a writer waits at most this long)
     writer_waits: list[float]  # seconds each store of a writer running beside the sweep waited and took
     fetch_cpu: list[float] = ()  # CPU seconds of the fetching thread per fetch (a loaded machine inflates wall time)
-    longest_sweep_step_cpu: float = 0.0  # CPU seconds of the sweeping thread in its longest step
+    longest_sweep_step_cpu: float = 0.0  # the most CPU seconds the sweeping thread spent in one step
+    writer_lock_waits: list[float] = ()  # of writer_waits, the seconds each store waited for the lock (the sweep)
+    sweep_steps: int = 0
+    drop_steps: list[tuple[float, float]] = ()  # (wall, CPU) seconds of each step that dropped a slot's table
 
     def fetch_percentile(self, q: int, cpu: bool = False) -> float:
         "Milliseconds: the q-th percentile of the fetches' wall time (or, with `cpu`, of their CPU time)."
@@ -393,18 +396,19 @@ def bench_store(packets: int = 1_000_000, recipients: int = 10_000, fetches: int
             assert page.packets, "every recipient has packets"
         # Day 10.5: what arrived before day 3.5 has expired; a slot goes once every expiry filed in it has passed.
         clock.advance(RETENTION_DAYS / 2 + RETENTION_DAYS / ARRIVALS)
-        swept, steps, writer_waits = _sweep_beside_a_writer(mailbox, template, recipient_ids)
+        swept, steps, writer_waits, lock_waits = _sweep_beside_a_writer(mailbox, template, recipient_ids)
         mailbox.close()
-    return StoreBench(packets, recipients, fill, latencies, sum(wall for wall, _ in steps), swept, size / packets,
-                      max((wall for wall, _ in steps), default=0.0), writer_waits, cpu,
-                      max((cpu for _, cpu in steps), default=0.0))
+    return StoreBench(packets, recipients, fill, latencies, sum(wall for wall, _, _ in steps), swept, size / packets,
+                      max((wall for wall, _, _ in steps), default=0.0), writer_waits, cpu,
+                      max((cpu for _, cpu, _ in steps), default=0.0), lock_waits, len(steps),
+                      [(wall, cpu) for wall, cpu, removed in steps if removed])
 
 
 def _sweep_beside_a_writer(mailbox: Mailbox, template: str, recipient_ids: list[str]):
     """Sweep step by step while a writer thread stores packets, both through one lock as the node's driver does
-    (one connection, one request at a time): (packets swept, (wall, CPU) seconds per step, seconds each store waited
-    and took)."""
-    lock, warm, done, waits = threading.Lock(), threading.Event(), threading.Event(), []
+    (one connection, one request at a time): (packets swept, (wall, CPU, packets) per step, seconds each store waited
+    and took, seconds each store waited for the lock)."""
+    lock, warm, done, waits, lock_waits = threading.Lock(), threading.Event(), threading.Event(), [], []
 
     def writer() -> None:
         n = 0
@@ -414,9 +418,11 @@ def _sweep_beside_a_writer(mailbox: Mailbox, template: str, recipient_ids: list[
                     warm.set()  # its slot's table exists and its statements are prepared: a writer as usual
                 t = time.perf_counter()
                 with lock:
+                    got = time.perf_counter()
                     mailbox.store(hashlib.sha256(f"late {n}".encode()).hexdigest(),
                                   recipient_ids[n % len(recipient_ids)], template)
                 waits.append(time.perf_counter() - t)
+                lock_waits.append(got - t)
                 n += 1
                 time.sleep(0.001)  # a steady trickle of clients, not a tight loop that starves the sweeper
         finally:
@@ -433,13 +439,13 @@ def _sweep_beside_a_writer(mailbox: Mailbox, template: str, recipient_ids: list[
                 step = mailbox.sweep_step()
             if step is None:
                 break
-            steps.append((time.perf_counter() - t, time.thread_time() - c))
+            steps.append((time.perf_counter() - t, time.thread_time() - c, step))
             swept += step
             time.sleep(0)  # the node's next step is a timer (After(0)): a thread hop, where a waiting writer gets in
     finally:
         done.set()
         thread.join()
-    return swept, steps, waits[first:]
+    return swept, steps, waits[first:], lock_waits[first:]
 
 
 def format_store_bench(result: StoreBench) -> str:
@@ -452,9 +458,14 @@ def format_store_bench(result: StoreBench) -> str:
         f"CPU p50 {result.fetch_percentile(50, cpu=True):.2f} ms, p99 {result.fetch_percentile(99, cpu=True):.2f} ms",
         f"expiry sweep removing {result.swept} packets ({result.swept / result.packets:.0%}), slot by slot: "
         f"{result.sweep_seconds:.2f} s (target <= 2 s); "
-        f"longest step {result.longest_sweep_step * 1000:.0f} ms (its CPU: {result.longest_sweep_step_cpu * 1000:.0f} ms)",
+        f"longest step {result.longest_sweep_step * 1000:.0f} ms (most CPU in a step: "
+        f"{result.longest_sweep_step_cpu * 1000:.0f} ms); "
+        f"{len(result.drop_steps)} of the {result.sweep_steps} steps dropped a table, the longest drop "
+        f"{max((w for w, _ in result.drop_steps), default=0.0) * 1000:.0f} ms "
+        f"(CPU {max((c for _, c in result.drop_steps), default=0.0) * 1000:.0f} ms)",
         f"a writer beside the sweep: {len(result.writer_waits)} stores, longest wait "
-        f"{max(result.writer_waits, default=0.0) * 1000:.0f} ms (target <= 50 ms)",
+        f"{max(result.writer_waits, default=0.0) * 1000:.0f} ms (target <= 50 ms), of which waiting for the lock "
+        f"{max(result.writer_lock_waits, default=0.0) * 1000:.0f} ms",
         f"database size: {result.bytes_per_packet:.0f} bytes per packet",
     ])
 

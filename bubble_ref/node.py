@@ -498,7 +498,8 @@ def on_timer(self: MailboxService, tag: tuple) -> list:
     "One step of the expiry sweep; the next step at once if it did something, else at the next interval."
     config = self.node.config
     removed = self.node.mailbox.sweep_step()
-    self.node.emit(Swept(removed or 0))
+    if removed != 0:  # (0: a step that only read part of a slot; the pruning waits for its drop)
+        self.node.emit(Swept(removed or 0))
     return [After(timedelta(0) if removed is not None else config.sweep_interval, (self.name, "sweep"))]
 
 

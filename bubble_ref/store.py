@@ -14,8 +14,9 @@ from fastcore.basics import patch
 from .packets import MAX_PACKET_BYTES, Clock
 
 # %% auto #0
-__all__ = ['SCHEMA', 'SLOT_SCHEMA', 'RETENTION', 'SLOT', 'DEFAULT_PAGE_SIZE', 'MAX_PAGE_SIZE', 'COLUMNS', 'ManualClock',
-           'StoreError', 'to_millis', 'from_millis', 'StoredPacket', 'Page', 'Mailbox', 'parse_cursor']
+__all__ = ['SCHEMA', 'SLOT_SCHEMA', 'RETENTION', 'SLOT', 'SWEEP_ROWS', 'SWEEP_CACHE_KIB', 'DEFAULT_PAGE_SIZE', 'MAX_PAGE_SIZE',
+           'COLUMNS', 'ManualClock', 'StoreError', 'to_millis', 'from_millis', 'StoredPacket', 'Page', 'Mailbox',
+           'parse_cursor']
 
 # %% ../notebooks/04_store.ipynb #4f95294d
 class ManualClock:
@@ -66,6 +67,8 @@ CREATE INDEX IF NOT EXISTS {table}_by_recipient ON {table} (recipient_id, rseq)
 """
 RETENTION = timedelta(days=7)
 SLOT = timedelta(hours=6)
+SWEEP_ROWS = 500  # rows of an expired slot one sweep step reads (about 1.7 MB of 3.4 KB packets, from disk)
+SWEEP_CACHE_KIB = 256 * 1024  # SQLite's page cache while a slot is read for its drop (default: 2 MiB)
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 COLUMNS = "seq, packet_id, recipient_id, rseq, packet, received_at, expires_at"
@@ -105,7 +108,7 @@ class Mailbox:
 
     def __init__(self, path: str | Path, *, clock: Clock, retention: timedelta = RETENTION,
                  max_packet_bytes: int = MAX_PACKET_BYTES, page_size: int = DEFAULT_PAGE_SIZE,
-                 synchronous: str = "NORMAL", slot: timedelta = SLOT):
+                 synchronous: str = "NORMAL", slot: timedelta = SLOT, sweep_rows: int = SWEEP_ROWS):
         if synchronous.upper() not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
         if not 0 < page_size <= MAX_PAGE_SIZE:
@@ -113,6 +116,7 @@ class Mailbox:
         self.path, self.clock, self.retention, self.slot_ms = Path(path), clock, retention, to_millis(
             datetime.fromtimestamp(0, tz=timezone.utc) + slot)
         self.max_packet_bytes, self.page_size, self.synchronous = max_packet_bytes, page_size, synchronous.upper()
+        self.sweep_rows, self._sweep_read = sweep_rows, {}  # slot -> last seq the sweep has read (None: all)
         # check_same_thread=False: the caller's driver may hand the node from thread to thread, one at a time
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.execute("PRAGMA page_size=16384")  # takes effect when the file is created
@@ -120,6 +124,7 @@ class Mailbox:
         self._db.execute(f"PRAGMA synchronous={self.synchronous}")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.execute("PRAGMA secure_delete=FAST")  # set explicitly: distributions compile different defaults
+        self._cache_size = self._db.execute("PRAGMA cache_size").fetchone()[0]
         self._db.executescript(SCHEMA)
         self._migrate_single_table()
         self._load_slots()
@@ -321,27 +326,43 @@ def count(self: Mailbox) -> int:
 # %% ../notebooks/04_store.ipynb #59a16a8f
 @patch
 def sweep_step(self: Mailbox) -> int | None:
-    "Drop one slot whose every packet has expired; how many packets went (None: no such slot)."
+    """One bounded step of the sweep; how many packets went (None: no slot has fully expired).
+
+    The oldest expired slot goes in steps: while it holds more than `sweep_rows` rows, a step only reads the next
+    `sweep_rows` of them (0 packets went), outside any write transaction, into SQLite's page cache (enlarged to
+    `SWEEP_CACHE_KIB` meanwhile); once all are read, a step drops the table, its pages all in memory. A small slot
+    is dropped in its first step."""
     done = [slot for slot in self.slots if (slot + 1) * self.slot_ms <= to_millis(self.clock())]
     if not done:
         return None
     slot, db = min(done), self._db
+    read = self._sweep_read.get(slot, 0)
+    rows = db.execute("SELECT rows FROM partitions WHERE slot = ?", (slot,)).fetchone()[0]
+    if rows > self.sweep_rows and read is not None:
+        if read == 0:
+            db.execute(f"PRAGMA cache_size = -{SWEEP_CACHE_KIB}")  # pages stay until the drop (one connection)
+        got, last = db.execute(f"SELECT count(*), max(seq) FROM (SELECT seq FROM messages_{slot} WHERE seq > ? "
+                               "ORDER BY seq LIMIT ?)", (read, self.sweep_rows)).fetchone()  # visits each row's page
+        self._sweep_read[slot] = last if got == self.sweep_rows else None  # fewer: the table is all read
+        return 0
     db.execute("BEGIN IMMEDIATE")
     try:
-        rows = db.execute("SELECT rows FROM partitions WHERE slot = ?", (slot,)).fetchone()[0]
+        rows = db.execute("SELECT rows FROM partitions WHERE slot = ?", (slot,)).fetchone()[0]  # (in the transaction)
         db.execute(f"DROP TABLE messages_{slot}")
         db.execute("DELETE FROM partitions WHERE slot = ?", (slot,))
         db.execute("COMMIT")
     except BaseException:
         db.execute("ROLLBACK")
         raise
+    if self._sweep_read.pop(slot, 0) != 0:
+        db.execute(f"PRAGMA cache_size = {self._cache_size}")  # the freed pages are gone from the cache too
     self._load_slots()
     return rows
 
 
 @patch
 def sweep(self: Mailbox) -> int:
-    "Drop every fully expired slot; how many packets went."
+    "Drop every fully expired slot, step by step; how many packets went."
     removed = 0
     while (step := self.sweep_step()) is not None:
         removed += step
