@@ -451,6 +451,10 @@ def apply(self: Ballot, data: Any) -> tuple[dict, list]:
         # A decision about this node itself is never applied here (nor passed on): a node does not refuse itself,
         # and the swarm found a victim that did, after two colluders were all its electorate (seed 152).
         return answer, []
+    if server_id not in self.peers.directory():
+        # Nor one about a server this node does not know: colluders who leave their victim out of their lists were
+        # a majority of all that a leaf node knew, and their decision carried there (swarm seed 48).
+        return answer, []
     self.verify_votes(decision)
     self.node.db.execute(
         "INSERT INTO decisions (reported_server_id, decided_at, final_decision, body) VALUES (?, ?, ?, ?) "

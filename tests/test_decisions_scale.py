@@ -203,8 +203,10 @@ def test_a_decision_floods_over_the_peers_to_every_node_and_a_node_that_was_down
         nodes = {name: net.hosts[name].node for name in names}
         assert all(len(n.roles["ballot"].electorate()) == 12 for n in nodes.values())
         identities = [n.identity for n in nodes.values()]
-        net.crash("n06")
         x = voters(1)[0]
+        for node in nodes.values():  # a server all of them know (nobody applies a decision about a stranger)
+            node.roles["peers"].remember(Server(x.id, "http://10.9.9.9:8000", x.public), listed_by=None)
+        net.crash("n06")
         votes = [vote(identity, x.id, "blacklist", net.clock()) for identity in identities]
         before = len(net.trace)
         reply = net.request("n00", "POST", "/decisions", decision(votes, x.id, net.clock()))

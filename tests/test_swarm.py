@@ -189,6 +189,21 @@ def test_seed_43_an_honest_node_that_blacklists_its_only_link_passes_the_decisio
     assert all(run.first_blacklisting("n4", by=judge) is None for judge in scenario.names)
 
 
+def test_seed_48_a_node_never_applies_a_decision_about_a_server_it_does_not_know():
+    """Found once decisions also jumped to random servers: four colluders of nine leave their victim n2 out of their
+    lists, so the leaves n3 and n6 (linked to n8 alone) never hear of n2 or its leaf n7, and the colluders' four votes
+    were a majority of the seven servers each knew: their decision about n2 carried there. A node now applies no
+    decision about a server outside its directory (a real attacker could post it to them directly anyway)."""
+    scenario = make_scenario(48)
+    assert scenario.victim == "n2" and sorted(n for n, b in scenario.behaviour.items() if b == "collude") == \
+        ["n0", "n1", "n4", "n5"]
+    assert scenario.links[3] == scenario.links[6] == (8,)
+    run = run_scenario(scenario)
+    assert run.bugs == [] and run.violations == [], run.violations[:3]
+    assert all(run.first_blacklisting("n2", by=judge) is None for judge in scenario.honest)
+    assert run.first_blacklisting("n2", by="n0") is not None, "the colluders did blacklist n2, by their own lie"
+
+
 def test_seed_73_a_colluder_that_blacklists_its_only_link_is_cut_off_and_caught():
     """The 200-seed swarm's only violation: n4 (a colluder) is linked to its victim n1 alone and has verified nobody
     when it first calls a vote, so its own vote is a majority of its electorate; it blacklists n1 at t=5 and so
