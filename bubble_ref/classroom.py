@@ -764,8 +764,9 @@ def start_room(root, students: list[str], *, room: ClassroomConfig | None = None
     running.server.application = ProjectorPages(running.server.application)
     made = Room(root, running, {}, options)
     try:
-        for name in students:
-            add_student(made, name)
+        for name in students:  # one at a time: the room lists students in the order they joined
+            seat = add_student(made, name)
+            wait_for(lambda: seat.member.joined, f"{name}'s node to join the room")
     except BaseException:
         made.stop()
         raise

@@ -211,12 +211,18 @@ JS_RUN_ALL = r"""
 
 JS_ERRORS = r"""
 (path) => {
-  const errors = [];
-  for (const cell of window.__labtest.panels[path].content.model.cells) {
+  // An error names its cell and the line that raised (a bare `assert` has an empty message).
+  const errors = [], plain = (text) => text.replace(/\x1b\[[0-9;]*m/g, '');
+  const cells = window.__labtest.panels[path].content.model.cells;
+  for (let n = 0; n < cells.length; n++) {
+    const cell = cells.get(n);
     if (cell.type !== 'code') continue;
     for (let i = 0; i < cell.outputs.length; i++) {
       const out = cell.outputs.get(i).toJSON();
-      if (out.output_type === 'error') errors.push(out.ename + ': ' + out.evalue);
+      if (out.output_type === 'error') {
+        const where = (out.traceback || []).map(plain).join('\n').split('\n').filter((l) => l.startsWith('---->'));
+        errors.push(out.ename + ': ' + out.evalue + ` (cell ${n}` + (where.length ? `, ${where[where.length - 1]}` : '') + ')');
+      }
       if (out.output_type === 'stream' && out.name === 'stderr') errors.push('stderr: ' + out.text);
     }
   }
