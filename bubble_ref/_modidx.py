@@ -1048,6 +1048,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'bubble_ref.sim.SimNetwork._arrive': ('sim.html#simnetwork._arrive', 'bubble_ref/sim.py'),
                                 'bubble_ref.sim.SimNetwork._delay': ('sim.html#simnetwork._delay', 'bubble_ref/sim.py'),
                                 'bubble_ref.sim.SimNetwork._guard': ('sim.html#simnetwork._guard', 'bubble_ref/sim.py'),
+                                'bubble_ref.sim.SimNetwork._key_order': ('sim.html#simnetwork._key_order', 'bubble_ref/sim.py'),
                                 'bubble_ref.sim.SimNetwork._log': ('sim.html#simnetwork._log', 'bubble_ref/sim.py'),
                                 'bubble_ref.sim.SimNetwork._perform': ('sim.html#simnetwork._perform', 'bubble_ref/sim.py'),
                                 'bubble_ref.sim.SimNetwork._send': ('sim.html#simnetwork._send', 'bubble_ref/sim.py'),

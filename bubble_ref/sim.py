@@ -52,18 +52,22 @@ def sim_keys(count: int) -> tuple[Identity, ...]:
     return keys + _extra_keys(count - len(keys))
 
 
-@lru_cache(maxsize=None)
+_EXTRA_KEYS: list[Identity] = []  # loaded once and extended: a run of N hosts asks for N growing counts
+
+
 def _extra_keys(count: int) -> tuple[Identity, ...]:
     from cryptography.hazmat.primitives import serialization
 
-    cache = Path.home() / ".cache" / "bubble-ref" / "sim-keys-extra.pem"
-    have = _split_pem(cache.read_bytes()) if cache.exists() else []
-    if len(have) < count:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        have += [Identity.generate().to_pem() for _ in range(count - len(have))]
-        cache.write_bytes(b"".join(have))
-    return tuple(Identity(serialization.load_pem_private_key(pem, None, unsafe_skip_rsa_key_validation=True))
-                 for pem in have[:count])
+    if len(_EXTRA_KEYS) < count:
+        cache = Path.home() / ".cache" / "bubble-ref" / "sim-keys-extra.pem"
+        have = _split_pem(cache.read_bytes()) if cache.exists() else []
+        if len(have) < count:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            have += [Identity.generate().to_pem() for _ in range(count - len(have))]
+            cache.write_bytes(b"".join(have))
+        _EXTRA_KEYS.extend(Identity(serialization.load_pem_private_key(pem, None, unsafe_skip_rsa_key_validation=True))
+                           for pem in have[len(_EXTRA_KEYS):count])
+    return tuple(_EXTRA_KEYS[:count])
 
 # %% ../notebooks/06b_sim.ipynb #01c5a93c
 @dataclass
@@ -126,6 +130,8 @@ class SimNetwork:
         self.partitioned = False
         self._keys = list(range(64))
         random.Random(f"keys {seed}").shuffle(self._keys)
+        self._key_count = 64  # how many pool keys the hosts added so far need (see `add`)
+        self._index: dict[str, int] = {}  # host name -> order of adding
 
     def clock(self) -> datetime:
         "The simulated wall clock every node reads."
@@ -177,10 +183,10 @@ def add(self: SimNetwork, name: str, build: Callable[..., Node], *, peers: tuple
     "Add a host running `build(data_dir, peers=[urls], clock=, rng=, new_identity=, config=, **options)`."
     index = len(self.hosts)
     if index >= 32:  # half the pool is for hosts, half for throwaway keys; bigger runs extend the pool
-        self._keys = list(range(len(sim_keys(2 * (index + 1)))))
-        random.Random(f"keys {self.seed}").shuffle(self._keys)
+        self._key_count = 2 * (index + 1)
     host = Host(name, host_url(index), self.root / name, build, {"peers": tuple(peers), **options})
     self.hosts[name] = host
+    self._index[name] = index
     self.by_url[host.url] = host
     return host
 
@@ -195,17 +201,28 @@ def link(self: SimNetwork, a: str, b: str) -> None:
 
 
 @patch
+def _key_order(self: SimNetwork) -> list[int]:
+    """The pool's keys in this seed's order: the first half for hosts, the second for throwaway keys. Shuffled once
+    per pool size (not on every `add`: a run of 1000 hosts would shuffle 1000 times)."""
+    if len(self._keys) != self._key_count:
+        self._keys = list(range(len(sim_keys(self._key_count))))
+        random.Random(f"keys {self.seed}").shuffle(self._keys)
+    return self._keys
+
+
+@patch
 def _server_key(self: SimNetwork, host: Host) -> Identity:
-    index = list(self.hosts).index(host.name)
-    return sim_keys(len(self._keys))[self._keys[index]]
+    order = self._key_order()
+    return sim_keys(len(order))[order[self._index[host.name]]]
 
 
 @patch
 def _throwaway_keys(self: SimNetwork, host: Host) -> Callable[[], Identity]:
     "A key factory for a node's throwaway identities (audits): keys from the other half of the pool."
     rng = random.Random(f"throwaway {self.seed} {host.name} {host.incarnation}")
-    keys = sim_keys(len(self._keys))
-    spare = [keys[k] for k in self._keys[len(self._keys) // 2:]]
+    order = self._key_order()
+    keys = sim_keys(len(order))
+    spare = [keys[k] for k in order[len(order) // 2:]]
     return lambda: rng.choice(spare)
 
 

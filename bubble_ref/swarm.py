@@ -254,10 +254,9 @@ def _build(net: SimNetwork, scenario: Scenario, run: SwarmRun, monitor: MonitorC
 @patch
 def name_of(self: SimNetwork, server_id: str) -> str:
     "The host name of a server id (or the id itself if no host has it), crashed hosts included."
-    for name, host in self.hosts.items():
-        if self._server_key(host).id == server_id:
-            return name
-    return server_id
+    if getattr(self, "_names_by_id", (None,))[0] != len(self.hosts):  # one table per mesh size (1000 hosts: 10^6 keys)
+        self._names_by_id = (len(self.hosts), {self._server_key(host).id: name for name, host in self.hosts.items()})
+    return self._names_by_id[1].get(server_id, server_id)
 
 
 def run_scenario(scenario: Scenario, *, monitor: MonitorConfig = SWARM_MONITOR, mesh: MeshConfig = SWARM_MESH,
