@@ -109,6 +109,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'bubble_ref.audit.Auditor.results': ('audit.html#auditor.results', 'bubble_ref/audit.py'),
                                   'bubble_ref.audit.Auditor.spacing': ('audit.html#auditor.spacing', 'bubble_ref/audit.py'),
                                   'bubble_ref.audit.Auditor.start': ('audit.html#auditor.start', 'bubble_ref/audit.py'),
+                                  'bubble_ref.audit.Auditor.still_due': ('audit.html#auditor.still_due', 'bubble_ref/audit.py'),
                                   'bubble_ref.audit.Auditor.suspect': ('audit.html#auditor.suspect', 'bubble_ref/audit.py'),
                                   'bubble_ref.audit.Check': ('audit.html#check', 'bubble_ref/audit.py'),
                                   'bubble_ref.audit.Check.verdict': ('audit.html#check.verdict', 'bubble_ref/audit.py'),

@@ -123,6 +123,7 @@ class Auditor:
         self.suspected: dict[str, datetime] = {}  # server id -> when the last round of suspect audits began
         self.unplanned_at: datetime | None = None  # when the last audit off the schedule (a suspicion's first) began
         self.random_turn = False  # every other scheduled audit is of a random server, whatever the suspects
+        self.planned_spacing: timedelta | None = None  # the spacing the pending scheduled audit was drawn with
         node.db.executescript(AUDIT_SCHEMA)
         node.on(Suspicion, self.suspect)
 
@@ -144,10 +145,19 @@ class Auditor:
         return self.monitor.audit_interval * max(1.0, servers / self.monitor.full_audit_rate_up_to)
 
     def _next_timer(self) -> list:
-        spacing = self.spacing()
+        spacing = self.planned_spacing = self.spacing()
         if spacing is None:
             return []
         return [After(spacing * self.node.rng.uniform(0.5, 1.5), (self.name, "next"))]
+
+    def still_due(self) -> bool:
+        """Is the scheduled audit whose timer fired still due? Not always, if the directory grew since it was drawn
+        (a new node learns the mesh after its first draw): then it is kept with probability planned / current
+        spacing, so the rate follows the directory the node knows *now* (thinning, as for a Poisson process)."""
+        planned, current = self.planned_spacing, self.spacing()
+        if planned is None or current is None or current <= planned:
+            return True  # no draw: a mesh of up to 25 servers, or one that did not grow, replays as before
+        return self.node.rng.random() < planned / current
 
 # %% ../notebooks/09b_audit.ipynb #851f17bd
 @patch
@@ -313,7 +323,7 @@ def ask(self: Auditor, audit_id: int, target_id: str, round_: int) -> list:
 @patch
 def on_timer(self: Auditor, tag: tuple) -> list:
     if tag[1] == "next":
-        return self.begin() + self._next_timer()
+        return (self.begin() if self.still_due() else []) + self._next_timer()
     audit_id = tag[2]
     row = self._row(audit_id)
     expected = {"deadline": "waiting", "recheck": "rechecking"}[tag[1]]

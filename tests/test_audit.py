@@ -5,6 +5,7 @@ taken by some audit below (the last test checks that the scenarios together cove
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import random
 from datetime import timedelta
@@ -356,7 +357,8 @@ SCHEDULED = MonitorConfig(audit_interval=timedelta(seconds=60))  # the node's de
 def scheduled(tmp_path):
     "A node with a ledger and an auditor on the default audit schedule, knowing no server yet, on a manual clock."
     clock = ManualClock()
-    keys = iter(sim_keys(64)[32:])
+    pool = sim_keys(64)
+    keys = itertools.chain([pool[32]], itertools.cycle(pool[33:]))  # the node's key, then throwaway keys for audits
     node = Node.open(tmp_path / "n", clock=clock, rng=random.Random(5), new_identity=lambda: next(keys),
                      config=NodeConfig(name="n"))
     roles = add_mesh_roles(node, (), SLOW_SYNC)
@@ -386,6 +388,31 @@ def test_audits_thin_out_in_a_large_mesh_so_audit_storage_per_node_is_bounded(sc
     for size, spacing in mean_spacing.items():  # audit packets the whole mesh makes per hour
         assert size * (timedelta(hours=1) / spacing) <= SCHEDULED.full_audit_rate_up_to * 60
     assert 1000 * (timedelta(hours=1) / mean_spacing[1000]) == 100 * (timedelta(hours=1) / mean_spacing[100])
+
+
+def test_a_node_that_learns_a_large_mesh_after_drawing_its_timer_keeps_the_large_mesh_rate(scheduled):
+    """A new node draws its first audit time knowing only its peers (the full rate), then learns the mesh. Found by a
+    swarm of 1000 new nodes: each audited within 30-90 s, 1000 audit packets for every node to keep, where the
+    stretched spacing allows 25 a minute. When the timer fires, the audit is kept with probability planned / current
+    spacing, so the rate follows the directory the node knows when it audits."""
+    node, peers, auditor, clock = scheduled
+    base = SCHEDULED.audit_interval
+    servers = [Server(f"{i:064x}", f"http://127.0.2.{i % 250 + 1}:{8000 + i}", sim_keys(2)[1].public)
+               for i in range(1, 1000)]
+    for server in servers[:3]:
+        peers.remember(server, listed_by=None, verified=True)
+    auditor._next_timer()
+    assert auditor.planned_spacing == base, "drawn knowing 4 servers: the full rate"
+    started = lambda actions: sum(isinstance(a, Call) for a in actions)  # an audit begins with its packet's POST
+    assert [started(auditor.on_timer(("audit", "next"))) for _ in range(5)] == [1] * 5, "a mesh that did not grow"
+    for server in servers[3:]:
+        peers.remember(server, listed_by=None, verified=True)
+    trials, begun = 400, 0
+    for _ in range(trials):
+        auditor.planned_spacing = base  # each timer drawn before the node learnt the other 996
+        begun += started(auditor.on_timer(("audit", "next")))
+        assert auditor.planned_spacing == base * 40, "the next draw knows the mesh"
+    assert 0 < begun <= 25, f"{begun} of {trials} (1 in 40 expected: 60 s planned, 2400 s now)"
 
 
 def test_reports_about_many_servers_start_one_audit_off_the_schedule_per_spacing(scheduled):
