@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from fastcore.basics import patch
 
@@ -25,7 +25,7 @@ from .sim import SimNetwork, host_url, sim_keys
 # %% auto #0
 __all__ = ['BEHAVIOUR_KINDS', 'RELAYING', 'PHANTOMS', 'SWARM_MONITOR', 'SWARM_MESH', 'Scenario', 'make_scenario', 'Colluder',
            'Sybil', 'ReportFlooder', 'SwarmRun', 'run_scenario', 'relay_reach', 'check_invariants', 'SwarmReport',
-           'swarm', 'format_swarm', 'describe_run', 'outage_scenario']
+           'swarm', 'format_swarm', 'describe_run', 'outage_scenario', 'large_scenario', 'run_large', 'format_large']
 
 # %% ../notebooks/09d_swarm.ipynb #9856ae1b
 BEHAVIOUR_KINDS = ("honest", "drop", "selective", "collude", "sybil", "flood-reports")
@@ -260,8 +260,9 @@ def name_of(self: SimNetwork, server_id: str) -> str:
 
 
 def run_scenario(scenario: Scenario, *, monitor: MonitorConfig = SWARM_MONITOR, mesh: MeshConfig = SWARM_MESH,
-                 trace: bool = False) -> SwarmRun:
-    "Run one scenario on real nodes in the simulator; its SwarmRun with the invariants checked."
+                 trace: bool = False, prepare: Callable[[SimNetwork], None] | None = None) -> SwarmRun:
+    """Run one scenario on real nodes in the simulator; its SwarmRun with the invariants checked. `prepare(net)` runs
+    once every node has started, before the first event (`run_large` gives its nodes a long-running mesh's directory)."""
     started = time.perf_counter()
     run = SwarmRun(scenario)
     clients = sim_keys(64)[48:56]  # recipients' keys: from the pool, so a seed replays everywhere
@@ -277,6 +278,8 @@ def run_scenario(scenario: Scenario, *, monitor: MonitorConfig = SWARM_MONITOR, 
         for name in scenario.slow:
             net.hosts[name].slow = 5.0
         net.start()
+        if prepare is not None:
+            prepare(net)
         for name, down, up in scenario.crashes:
             net.at(down, net.crash, name)
             net.at(up, net.start, name)
@@ -448,3 +451,58 @@ def outage_scenario(seed: int = 0, *, down: tuple[float, float] = (20.0, 80.0), 
     behaviour = {**dict.fromkeys(names, "honest"), "n3": "drop"}
     traffic = tuple((down[0] + 2 + 3 * k, names[k % 3], k % 8) for k in range(messages))
     return Scenario(seed, names, links, behaviour, None, 0.0, (), (("n4", *down),), (), traffic, down[1], settle)
+
+# %% ../notebooks/09d_swarm.ipynb #54f007ed
+def large_scenario(nodes: int, *, droppers: int = 0, selective: int = 0, settle: float = 300.0) -> Scenario:
+    """A mesh of `nodes` (random, degree 3), 2% loss, n17 down from 40 to 90 s, 16 posts from n0..n19 until 150 s,
+    and `droppers` silent and `selective` selective droppers among the others. Drawn from the size alone."""
+    if nodes < 25 or droppers < 0 or selective < 0 or droppers + selective > nodes - 20 or settle < 200:
+        raise ValueError("need at least 25 nodes, droppers among all but the first 20, and a settle time of 200 s "
+                         "or more (the faults and posts end at 150 s; delivery needs a little longer)")
+    rng = random.Random(f"swarm {nodes}")
+    names = tuple(f"n{i}" for i in range(nodes))
+    links = tuple(tuple(ns) for ns in build_topology(nodes, "random", degree=3, seed=1000))
+    behaviour = dict.fromkeys(names, "honest")
+    bad = rng.sample(names[20:], droppers + selective)
+    behaviour.update({name: "drop" if k < droppers else "selective" for k, name in enumerate(bad)})
+    traffic = tuple(sorted((round(rng.uniform(5, 150), 3), rng.choice(names[:20]), rng.randrange(8)) for _ in range(16)))
+    return Scenario(1000, names, links, behaviour, None, 0.02, (), (("n17", 40.0, 90.0),), (), traffic, 150.0, settle)
+
+
+def run_large(scenario: Scenario, *, monitor: MonitorConfig = MonitorConfig(), reported_at: float = 20.0) -> SwarmRun:
+    """Run a `large_scenario` as a mesh that has been running: every node knows (and lately verified) every server,
+    audits on the node's own schedule, and a client reports each dropper once, to one of n0, n1, ... at `reported_at`."""
+    reporter = sim_keys(64)[60]  # a client's key
+
+    def report(net: SimNetwork, about: str, to: str) -> None:
+        net.request(to, "POST", "/reports", sign_report(reporter, net.hosts[about].node.id, b"my messages vanish",
+                                                        net.clock()))
+
+    def prepare(net: SimNetwork) -> None:
+        for k, name in enumerate(scenario.droppers):
+            net.at(reported_at, report, net, name, scenario.names[k])
+        servers = [Server(h.node.id, h.url, h.node.identity.public) for h in net.hosts.values()]
+        for host in net.hosts.values():
+            peers = host.node.roles["peers"]
+            host.node.db.execute("BEGIN")  # one transaction per node: a million rows in all at N = 1000
+            for server in servers:
+                peers.remember(server, listed_by=None, verified=True)
+            host.node.db.execute("COMMIT")
+
+    return run_scenario(scenario, monitor=monitor, prepare=prepare)
+
+
+def format_large(run: SwarmRun) -> str:
+    "What `bubble-ref sim swarm --nodes N` prints: the run in a few lines (a thousand nodes' decisions are not listed)."
+    s = run.scenario
+    lines = [f"bubble-ref sim swarm --nodes {len(s.names)}: {run.events} events in {run.seconds:.0f} s of real time "
+             f"({s.settle:.0f} simulated s); {len(run.acknowledged)} of {len(s.traffic)} posts acknowledged; "
+             f"digest {run.digest[:16]}"]
+    for name in s.droppers:
+        firsts = [t for h in s.honest if (t := run.first_blacklisting(name, by=h)) is not None]
+        lines.append(f"  {s.behaviour[name]} dropper {name}: blacklisted by {len(firsts)} of {len(s.honest)} honest "
+                     "nodes" + (f", the first at {min(firsts):.0f} s, the last at {max(firsts):.0f} s" if firsts else ""))
+    lines += [f"  VIOLATION: {v}" for v in run.violations[:20]] or ["  all invariants hold"]
+    if len(run.violations) > 20:
+        lines.append(f"  ... and {len(run.violations) - 20} more")
+    return "\n".join(lines)

@@ -258,3 +258,21 @@ def test_a_report_flooder_is_rate_limited_and_leaves_bounded_state():
     assert run.attacks[("flood-reports", 429)] > 0 and run.attacks[("flood-reports", 202)] > 0, run.attacks
     text = format_swarm(SwarmReport([run]))
     assert "flooded reports answered" in text and "violations: 0" in text
+
+
+def test_a_large_mesh_that_has_been_running_catches_a_reported_dropper_and_keeps_every_invariant():
+    """`bubble-ref sim swarm --nodes N` at a size CI can afford (the closing note of issue 13 has N = 1000): every
+    node knows every server from the start, audits on the node's own schedule, and blacklists the dropper a client
+    reported; nobody honest is blacklisted, every post reaches every honest node."""
+    from bubble_ref.swarm import format_large, large_scenario, run_large
+
+    scenario = large_scenario(30, droppers=1, settle=200)
+    assert scenario.droppers == ["n29"] and len(scenario.traffic) == 16
+    run = run_large(scenario)
+    assert run.violations == [], run.violations
+    caught = [run.first_blacklisting("n29", by=h) for h in scenario.honest]
+    assert all(t is not None and 20 < t < 200 for t in caught), caught
+    assert not [d for d in run.decisions if d[2] != "n29"], "only the dropper is ever blacklisted"
+    assert "drop dropper n29: blacklisted by 29 of 29 honest nodes" in format_large(run)
+    with pytest.raises(ValueError, match="at least 25 nodes"):
+        large_scenario(24)
