@@ -482,12 +482,15 @@ def run_large(scenario: Scenario, *, monitor: MonitorConfig = MonitorConfig(), r
         for k, name in enumerate(scenario.droppers):
             net.at(reported_at, report, net, name, scenario.names[k])
         servers = [Server(h.node.id, h.url, h.node.identity.public) for h in net.hosts.values()]
+        lists = {servers[i].server_id: tuple(sorted(servers[j].server_id for j in links))  # what each one's list names
+                 for i, links in enumerate(scenario.links)}
         for host in net.hosts.values():
             peers = host.node.roles["peers"]
             host.node.db.execute("BEGIN")  # one transaction per node: a million rows in all at N = 1000
             for server in servers:
                 peers.remember(server, listed_by=None, verified=True)
             host.node.db.execute("COMMIT")
+            peers.peers_of.update(lists)  # as if it had asked each server for its list: audits know whom to ask
 
     return run_scenario(scenario, monitor=monitor, prepare=prepare)
 
