@@ -22,8 +22,8 @@ from .packets import MisbehaviorReport, format_timestamp
 from .store import from_millis, to_millis
 
 # %% auto #0
-__all__ = ['AUDIT_MOVES', 'AUDIT_OUTCOMES', 'BEHAVIOURS', 'AUDIT_SCHEMA', 'IllegalMove', 'audit_move', 'censors', 'misbehave',
-           'Suspicion', 'Check', 'Auditor', 'sign_report']
+__all__ = ['AUDIT_MOVES', 'AUDIT_OUTCOMES', 'BEHAVIOURS', 'REPORT_FANOUT', 'AUDIT_SCHEMA', 'IllegalMove', 'audit_move', 'censors',
+           'misbehave', 'Suspicion', 'Check', 'Auditor', 'sign_report', 'peers_and_random']
 
 # %% ../notebooks/09b_audit.ipynb #95b75551
 AUDIT_MOVES = {
@@ -56,6 +56,7 @@ def audit_move(state: str, event: str) -> str:
 
 # %% ../notebooks/09b_audit.ipynb #32668e30
 BEHAVIOURS = ("honest", "drop", "selective")
+REPORT_FANOUT = 4  # random servers beyond the peers a report goes to, in a mesh larger than full_audit_rate_up_to
 
 
 def censors(recipient_id: str) -> bool:
@@ -124,6 +125,7 @@ class Auditor:
         self.unplanned_at: datetime | None = None  # when the last audit off the schedule (a suspicion's first) began
         self.random_turn = False  # every other scheduled audit is of a random server, whatever the suspects
         self.planned_spacing: timedelta | None = None  # the spacing the pending scheduled audit was drawn with
+        self.followed: dict[str, datetime] = {}  # server id -> when its last failed audit called a follow-up
         node.db.executescript(AUDIT_SCHEMA)
         node.on(Suspicion, self.suspect)
 
@@ -167,6 +169,8 @@ def suspect(self: Auditor, event: Suspicion) -> list:
     now, last = self.node.clock(), self.suspected.get(event.server_id)
     if event.server_id == self.node.id or event.server_id not in self.peers.directory():
         return []
+    if self.peers.refusal(event.server_id) is not None:
+        return []  # decided already (blacklisted): more audits of it would take half the schedule, to no end
     if last is not None and now - last < self.monitor.suspect_window:
         return []  # looked at lately: a stream of reports must not turn this node into a weapon
     self.suspected[event.server_id] = now
@@ -184,7 +188,7 @@ def pick_target(self: Auditor) -> Server | None:
     servers = self.peers.directory()
     while self.suspects and not self.random_turn:
         target = self.suspects.popleft()
-        if target in servers:
+        if target in servers and self.peers.refusal(target) is None:
             self.random_turn = True
             return servers[target]
     self.random_turn = False
@@ -236,7 +240,7 @@ def move(self: Auditor, audit_id: int, event: str) -> list:
     self.checks.pop(audit_id, None)
     actions = self.node.emit(Observed(peer, "audit", packet_id, new))
     if new == "audit_failed":
-        actions += self.report(audit_id)
+        actions += self.report(audit_id) + self.follow_up(peer)
     return actions
 
 # %% ../notebooks/09b_audit.ipynb #9ba27403
@@ -324,6 +328,8 @@ def ask(self: Auditor, audit_id: int, target_id: str, round_: int) -> list:
 def on_timer(self: Auditor, tag: tuple) -> list:
     if tag[1] == "next":
         return (self.begin() if self.still_due() else []) + self._next_timer()
+    if tag[1] == "follow_up":
+        return self.begin(tag[2]) if self.peers.refusal(tag[2]) is None else []
     audit_id = tag[2]
     row = self._row(audit_id)
     expected = {"deadline": "waiting", "recheck": "rechecking"}[tag[1]]
@@ -340,16 +346,47 @@ def sign_report(identity: Identity, reported_server_id: str, evidence: bytes, at
     return sign_body(identity, report.to_dict())
 
 
+def peers_and_random(peers: Peers, rng, fanout: int, avoid: set[str]) -> list[str]:
+    """The ids of this node's peers and of `fanout` other known servers picked at random, none in `avoid` nor refused:
+    how reports and decisions spread in O(N) messages per incident, with random jumps across any cut vertex."""
+    fit = lambda sid: sid not in avoid and peers.refusal(sid) is None
+    near = sorted(s.server_id for s in peers.pinned.values() if fit(s.server_id))
+    others = sorted(sid for sid in peers.directory() if sid not in near and fit(sid))
+    return near + rng.sample(others, min(fanout, len(others)))
+
+
 @patch
 def report(self: Auditor, audit_id: int) -> list:
-    "Calls that send a signed report of a failed audit to every known server but the reported one."
+    """Calls that send a signed report of a failed audit: to every known server but the reported one in a mesh of up to
+    `full_audit_rate_up_to` servers; in a larger one to the peers and `REPORT_FANOUT` random servers, each of which
+    audits the server and reports in turn only if its own audit fails (spread by evidence, O(N) reports per incident)."""
     packet_id, peer, state = self._row(audit_id)
     due_at = self.node.db.execute("SELECT due_at FROM audits WHERE id = ?", (audit_id,)).fetchone()[0]
     evidence = json.dumps({"kind": "audit_failed", "packet_id": packet_id, "result": state,
                            "deadline": format_timestamp(from_millis(due_at))}, separators=(",", ":"))
     body = sign_report(self.node.identity, peer, evidence.encode(), self.node.clock())
-    return [Call("POST", f"{server.url}/reports", body, tag=(self.name, "report", audit_id), timeout=5.0, max_bytes=4096)
-            for sid, server in self.peers.directory().items() if sid != peer and self.peers.refusal(sid) is None]
+    directory = self.peers.directory()
+    if len(directory) + 1 <= self.monitor.full_audit_rate_up_to:
+        targets = [sid for sid in directory if sid != peer and self.peers.refusal(sid) is None]
+    else:
+        targets = peers_and_random(self.peers, self.node.rng, REPORT_FANOUT, {peer, self.node.id})
+    return [Call("POST", f"{directory[sid].url}/reports", body, tag=(self.name, "report", audit_id), timeout=5.0,
+                 max_bytes=4096) for sid in targets]
+
+
+@patch
+def follow_up(self: Auditor, server_id: str) -> list:
+    """After a failed audit, where the spacing is stretched: audit that server again in about an `audit_interval`.
+    One failure takes a score to 0.6 and a blacklist vote needs under 0.5, so without it the second failure waits a
+    whole spacing (40 min at N = 1000). At most one per server per `suspect_window`: a follow-up that fails calls none."""
+    interval, spacing, now = self.monitor.audit_interval, self.spacing(), self.node.clock()
+    if interval is None or spacing is None or spacing <= interval:
+        return []  # up to `full_audit_rate_up_to` servers the next scheduled audit comes about as soon
+    last = self.followed.get(server_id)
+    if last is not None and now - last < self.monitor.suspect_window:
+        return []
+    self.followed[server_id] = now
+    return [After(interval * self.node.rng.uniform(0.5, 1.5), (self.name, "follow_up", server_id))]
 
 # %% ../notebooks/09b_audit.ipynb #cf2990b8
 @patch

@@ -438,7 +438,8 @@ def _add_sim_parser(commands) -> None:
     swarm.add_argument("--nodes", type=int, default=None, metavar="N",
                        help="instead of seeds: one mesh of N nodes (25 or more) that has been running, every node "
                             "knowing every server, on the node's own audit schedule (see notebook 09d; N = 1000 "
-                            "takes about 20 minutes of CPU per 300 simulated seconds)")
+                            "takes about 12 minutes of CPU per 300 simulated seconds, 25 minutes for 400 s with "
+                            "a dropper)")
     swarm.add_argument("--droppers", type=int, default=0, help="with --nodes: silent droppers, each reported once by a "
                                                                "client at 20 s (default: 0)")
     swarm.add_argument("--selective", type=int, default=0, help="with --nodes: selective droppers, likewise (default: 0)")

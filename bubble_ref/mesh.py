@@ -10,6 +10,7 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Callable
 
 from fastcore.basics import patch
@@ -234,6 +235,8 @@ class Peers:
         self._known: dict[str, Server] = {
             sid: Server(sid, url, load_public_key(key, "directory key"))
             for sid, url, key in node.db.execute("SELECT server_id, url, public_key FROM servers ORDER BY server_id")}
+        self._known_changes = 0  # counts changes to _known: the directory is rebuilt only after one
+        self._directory: tuple | None = None  # (changes, pinned items, the directory) as last built
 
     def routes(self) -> list[Route]:
         return [Route("POST", "/servers", self.answer_server_list, json_body=True)]
@@ -254,13 +257,20 @@ def peer_at(self: Peers, url: str) -> Server | None:
 
 
 @patch
-def directory(self: Peers) -> dict[str, Server]:
-    "Every server this node knows (peers and listed ones, not itself), by id."
+def directory(self: Peers) -> MappingProxyType:
+    """Every server this node knows (peers and listed ones, not itself), by id, sorted; read-only. Built again only
+    when the directory or the peers changed: at N = 1000 a build costs 0.13 ms, and each signed request asks for it."""
+    pinned = tuple(self.pinned.items())
+    built = self._directory
+    if built is not None and built[0] == self._known_changes and built[1] == pinned:
+        return built[2]
     known = dict(self._known)
     for server in self.pinned.values():
         known[server.server_id] = server
     known.pop(self.node.id, None)
-    return dict(sorted(known.items()))
+    view = MappingProxyType(dict(sorted(known.items())))
+    self._directory = (self._known_changes, pinned, view)
+    return view
 
 
 @patch
@@ -278,6 +288,13 @@ def verified_since(self: Peers, since: datetime) -> set[str]:
     rows = self.node.db.execute("SELECT server_id FROM servers WHERE verified_at >= ? ORDER BY server_id",
                                 (to_millis(since),))
     return {sid for (sid,) in rows}
+
+
+@patch
+def has_verified(self: Peers, server_id: str) -> bool:
+    "Has this server ever answered this node signed by its own key (not only been named in somebody's list)?"
+    row = self.node.db.execute("SELECT verified_at FROM servers WHERE server_id = ?", (server_id,)).fetchone()
+    return row is not None and row[0] is not None
 
 
 @patch
@@ -350,7 +367,9 @@ def remember(self: Peers, server: Server, listed_by: str | None, verified: bool 
     if server.server_id == self.node.id or (not verified and self._known.get(server.server_id) == server):
         return  # nothing new: a directory round names the same servers again and again
     now = to_millis(self.node.clock())
-    self._known[server.server_id] = server
+    if self._known.get(server.server_id) != server:
+        self._known[server.server_id] = server
+        self._known_changes += 1
     self.node.db.execute(
         "INSERT INTO servers (server_id, url, public_key, listed_by, first_seen, listed_at, verified_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (server_id) DO UPDATE SET url = excluded.url, "

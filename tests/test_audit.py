@@ -14,12 +14,12 @@ import pytest
 
 from bubble_ref import audit as audit_module
 from bubble_ref.audit import (
-    AUDIT_MOVES, AUDIT_OUTCOMES, Auditor, IllegalMove, Suspicion, audit_move, misbehave, sign_report)
+    AUDIT_MOVES, AUDIT_OUTCOMES, REPORT_FANOUT, Auditor, IllegalMove, Suspicion, audit_move, misbehave, sign_report)
 from bubble_ref.client import CLIENT_MIN_PADDED
 from bubble_ref.envelope import check_packet, seal
 from bubble_ref.ledger import Ledger, MonitorConfig
 from bubble_ref.mesh import MeshConfig, Server, add_mesh_roles, verify_body
-from bubble_ref.node import Call, Node, NodeConfig, Reply, Route
+from bubble_ref.node import After, Call, Node, NodeConfig, Reply, Route
 from bubble_ref.packets import MisbehaviorReport, format_timestamp
 from bubble_ref.sim import SIM_EPOCH, SimNetwork, sim_keys
 from bubble_ref.store import ManualClock
@@ -335,6 +335,24 @@ def test_a_suspicion_starts_audits_of_that_server_at_most_once_per_window(known)
     assert len(node.emit(Suspicion(suspect))) == 1, "a window later, it looks again"
 
 
+def test_a_blacklisted_server_is_not_suspected_but_random_audits_still_reach_it(known):
+    """Found by a swarm of 100: after the decision, the failures of audits of the blacklisted dropper kept making
+    reports, the reports suspicions, and over 70% of the mesh's audits went to a server already decided about."""
+    node, servers, clock = known
+    auditor, peers = node.roles["audit"], node.roles["peers"]
+    bad, later = servers[0].server_id, servers[1].server_id
+    node.emit(Suspicion(later))  # in line before it is decided about
+    refused = {bad}
+    peers.policies.append(lambda sid: "blacklisted" if sid in refused else None)
+    assert node.emit(Suspicion(bad)) == [] and bad not in auditor.suspects, "decided: no suspicion"
+    refused.add(later)
+    assert later in auditor.suspects
+    auditor.pick_target()
+    assert not auditor.suspects, "a suspect decided about meanwhile leaves the line unaudited (one pick drains it)"
+    picked = [auditor.pick_target().server_id for _ in range(200)]
+    assert bad in picked, "random audits still reach it: that is how it could be whitelisted"
+
+
 def test_reports_steer_at_most_every_other_scheduled_audit(known):
     "A liar who reports server after server fills the line of suspects; half the scheduled audits stay random."
     node, servers, clock = known
@@ -453,6 +471,74 @@ def test_a_failed_audit_is_reported_to_every_known_server_but_the_accused(known)
     assert evidence["kind"] == "audit_failed" and evidence["packet_id"] == pid
     with pytest.raises(IllegalMove):
         auditor.move(audit_id, "found"), "an ended audit takes no more events"
+
+
+def fail_an_audit(auditor, target_id: str) -> list:
+    "Begin an audit of `target_id` and take it to audit_failed (taken, not here, missing twice): the last actions."
+    call, = auditor.begin(target_id)
+    audit_id = call.tag[2]
+    auditor.on_answer(call.tag, 202, {})
+    for event in ("not here", "missing"):
+        auditor.move(audit_id, event)
+    return auditor.move(audit_id, "missing")
+
+
+@pytest.fixture
+def large(scheduled):
+    "The scheduled node in a mesh of 100: three pinned peers (real keys) and 96 other known servers."
+    node, peers, auditor, clock = scheduled
+    pinned = sim_servers(3)
+    for server in pinned:
+        peers.learn_peer(server.url, {"server_id": server.server_id, "public_key": server.public_key.b64})
+        peers.remember(server, listed_by=None, verified=True)
+    others = [Server(f"{i:064x}", f"http://127.0.2.{i % 250 + 1}:{8000 + i}", sim_keys(2)[1].public)
+              for i in range(1, 97)]
+    for server in others:
+        peers.remember(server, listed_by=None, verified=True)
+    assert len(peers.directory()) + 1 == 100
+    return node, peers, auditor, clock, pinned, others
+
+
+def test_in_a_large_mesh_a_failure_is_reported_to_the_peers_and_a_few_random_servers(large):
+    """Reports to every known server cost N² per incident (6 million at N = 1000). Beyond `full_audit_rate_up_to`, a
+    failure goes to the peers and REPORT_FANOUT random servers; each audits, and reports in turn only if it fails."""
+    node, peers, auditor, clock, pinned, others = large
+    picked = set()
+    for target in others[:6]:
+        reports = [a for a in fail_an_audit(auditor, target.server_id) if isinstance(a, Call)]
+        urls = [c.url for c in reports]
+        assert len(urls) == len(set(urls)) == len(pinned) + REPORT_FANOUT
+        assert {f"{s.url}/reports" for s in pinned} <= set(urls), "every peer"
+        assert f"{target.url}/reports" not in urls, "never the accused"
+        picked |= set(urls) - {f"{s.url}/reports" for s in pinned}
+        assert all(MisbehaviorReport.from_dict(c.body).reported_server_id == target.server_id for c in reports)
+    assert len(picked) > 2 * REPORT_FANOUT, f"the others are drawn afresh each time: {len(picked)} different"
+
+
+def test_in_a_large_mesh_a_failed_audit_is_followed_up_within_an_audit_interval(large):
+    """One failed audit takes a score to 0.6, a blacklist vote needs under 0.5, and the stretched spacing is 4 min at
+    N = 100 (40 at 1000): so a failure is followed by one more audit of that server after about an audit_interval."""
+    node, peers, auditor, clock, pinned, others = large
+    target = others[0].server_id
+    follow, = [a for a in fail_an_audit(auditor, target) if isinstance(a, After)]
+    assert follow.tag == ("audit", "follow_up", target)
+    assert 0.5 * SCHEDULED.audit_interval <= follow.delay <= 1.5 * SCHEDULED.audit_interval < auditor.spacing()
+    clock.advance(follow.delay)
+    again = auditor.on_timer(follow.tag)
+    assert [c.url for c in again] == [f"{others[0].url}/messages"], "the follow-up audits that server"
+    assert not [a for a in fail_an_audit(auditor, target) if isinstance(a, After)], \
+        "a follow-up's own failure calls none: at most one per failure this node saw"
+    clock.advance(SCHEDULED.suspect_window)
+    assert [a for a in fail_an_audit(auditor, target) if isinstance(a, After)], "a later failure, a later follow-up"
+    peers.policies.append(lambda sid: "blacklisted" if sid == target else None)
+    assert auditor.on_timer(follow.tag) == [], "no follow-up of a server this node refuses"
+
+
+def test_in_a_small_mesh_a_failure_calls_no_follow_up(known):
+    "Up to `full_audit_rate_up_to` servers the spacing is not stretched: the next scheduled audit comes as soon."
+    node, servers, clock = known
+    actions = fail_an_audit(node.roles["audit"], servers[0].server_id)
+    assert actions and all(isinstance(a, Call) for a in actions)
 
 
 def test_sign_report_makes_a_report_anyone_can_check(alice, mallory):

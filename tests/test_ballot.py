@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from bubble_ref.audit import sign_report
-from bubble_ref.ballot import Decided, open_monitored_node
+from bubble_ref.ballot import VOTE_REUSE, Decided, open_monitored_node
 from bubble_ref.crypto import Identity
 from bubble_ref.envelope import check_packet, seal
 from bubble_ref.ledger import MonitorConfig, Observed
@@ -163,6 +163,22 @@ def test_votes_must_be_fresh_and_decisions_newer_than_the_last(world):
     assert refusal(nodes[2], whitelist) == (403, "stale_decision")
 
 
+def test_a_node_blacklists_only_a_server_it_has_reached_not_one_only_named(world):
+    """Known by name only, the accused's own list is unread, so its neighbours (its witnesses) may be missing from the
+    quorum base: a blacklist waits until the node has reached the accused (swarm seed 48, on a second path)."""
+    nodes, clock = world.nodes, world.clock
+    named, n3 = world.fresh(), nodes[3]
+    server = Server(named.id, "http://127.0.0.9:8000", named.public)
+    n3.roles["peers"].remember(server, listed_by=nodes[0].id)  # a list named it; it never answered n3
+    first = decide(n3, world.decision([world.vote(n.identity, named.id, "blacklist") for n in nodes[:3]], named.id))
+    assert first.status == 200 and not first.body["applied"] and first.actions == ()
+    assert named.id not in ballot(n3).blacklisted
+    clock.advance(timedelta(seconds=5))
+    n3.roles["peers"].remember(server, listed_by=None, verified=True)  # it answered n3, signed: n3 read its list
+    later = decide(n3, world.decision([world.vote(n.identity, named.id, "blacklist") for n in nodes[:3]], named.id))
+    assert later.body["applied"] and named.id in ballot(n3).blacklisted
+
+
 def test_only_the_votes_of_servers_verified_lately_count(world):
     "A server this node has not heard from for the active window is not in its electorate: its vote is not counted."
     nodes, x, clock = world.nodes, world.x, world.clock
@@ -228,6 +244,28 @@ def test_a_poll_is_called_on_own_evidence_and_counts_only_verified_signed_votes(
     assert len(calls(actions, "/decisions")) == 3, "and passed on to its two peers and the one other it knows"
 
 
+def test_a_poll_answered_meanwhile_by_a_decision_makes_no_new_one(world):
+    """At N = 1000 hundreds of polls about one dropper are open when the first decision floods the mesh; each that
+    closed with a majority made a newer decision, which flooded the mesh again (a third of a megabyte per post)."""
+    nodes, x, clock = world.nodes, world.x, world.clock
+    n0 = nodes[0]
+    for i in (0, 1, 2):  # all three have failed x twice: n0's poll will carry
+        for audit in ("p", "q"):
+            nodes[i].emit(Observed(x.id, "audit", f"{audit}{i}", "audit_failed"))
+    clock.advance(MONITOR.vote_cooldown)
+    vote_calls = calls(n0.emit(Observed(x.id, "audit", "r", "audit_failed")), "/votes")
+    assert len(vote_calls) == 3, "n0 polls the other three"
+    other = world.decision([world.vote(n.identity, x.id, "blacklist") for n in nodes[1:3]] +
+                           [world.vote(n0.identity, x.id, "blacklist")], x.id)
+    clock.advance(timedelta(seconds=1))
+    assert decide(n0, other).body["applied"], "another node's decision arrives while the poll is open"
+    held = ballot(n0).decisions()
+    actions = []
+    for call in vote_calls:
+        actions += carry(n0, call, world.urls)
+    assert calls(actions, "/decisions") == [] and ballot(n0).decisions() == held, "the poll closes without a decision"
+
+
 def test_a_vote_request_is_answered_from_own_evidence_and_makes_the_node_look(world):
     nodes, x, clock = world.nodes, world.x, world.clock
     n0, n1 = nodes[0], nodes[1]
@@ -247,6 +285,32 @@ def test_a_vote_request_is_answered_from_own_evidence_and_makes_the_node_look(wo
     assert_refused(ask(n0, "POST /votes", unknown), 403, "unknown_server")
     clock.advance(MONITOR.clock_skew + timedelta(seconds=1))
     assert_refused(ask(n0, "POST /votes", request), 403, "stale_request")
+
+
+def test_a_signed_vote_answers_many_callers_while_the_opinion_holds(world):
+    """A vote names no requester, so the same signed vote answers every caller for VOTE_REUSE: a thousand callers
+    cost a voter one RSA signature, not a thousand. A changed opinion is signed at once."""
+    nodes, x, clock = world.nodes, world.x, world.clock
+    n0 = nodes[0]
+
+    def vote_for(caller) -> dict:
+        request = sign_body(caller.identity, VoteRequest(reported_server_id=x.id, proposal="blacklisted",
+                                                         sender_id=caller.id, sent_at=format_timestamp(clock())).to_dict())
+        reply = ask(n0, "POST /votes", request)
+        assert reply.status == 200 and verify_body(n0.identity.public, reply.body)
+        return reply.body
+
+    first = vote_for(nodes[1])
+    clock.advance(VOTE_REUSE - timedelta(seconds=1))
+    assert vote_for(nodes[2]) == first, "the same signed vote, not a new signature"
+    for audit in ("p", "q"):  # n0's own evidence changes: two failed audits of x
+        n0.emit(Observed(x.id, "audit", audit, "audit_failed"))
+    changed = vote_for(nodes[3])
+    assert (first["vote"], changed["vote"]) == ("abstain", "blacklist")
+    assert changed["timestamp"] == format_timestamp(clock()), "a new opinion is signed now"
+    clock.advance(VOTE_REUSE)
+    later = vote_for(nodes[1])
+    assert later["vote"] == "blacklist" and later["timestamp"] == format_timestamp(clock()), "and again when it is old"
 
 
 def test_reports_must_be_signed_by_their_reporter_and_only_make_the_node_look(world):

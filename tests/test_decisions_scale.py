@@ -204,8 +204,8 @@ def test_a_decision_floods_over_the_peers_to_every_node_and_a_node_that_was_down
         assert all(len(n.roles["ballot"].electorate()) == 12 for n in nodes.values())
         identities = [n.identity for n in nodes.values()]
         x = voters(1)[0]
-        for node in nodes.values():  # a server all of them know (nobody applies a decision about a stranger)
-            node.roles["peers"].remember(Server(x.id, "http://10.9.9.9:8000", x.public), listed_by=None)
+        for node in nodes.values():  # a server all of them know and have reached (nor a blacklist of one only named)
+            node.roles["peers"].remember(Server(x.id, "http://10.9.9.9:8000", x.public), listed_by=None, verified=True)
         net.crash("n06")
         votes = [vote(identity, x.id, "blacklist", net.clock()) for identity in identities]
         before = len(net.trace)
