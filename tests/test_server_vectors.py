@@ -145,6 +145,9 @@ def test_a_node_accepts_every_published_request(node_b):
 def test_a_node_applies_the_published_decision(node_b):
     node, clock = node_b
     at(clock, VECTORS["decision"]["check_at"])
+    peers, c_id = node.roles["peers"], VECTORS["keys"]["server_c"]["id"]
+    peers.remember(peers.directory()[c_id], listed_by=None, verified=True)  # B has reached C: a blacklist of a
+    # server known only by name is not applied (PROTOCOL.md §18, Applying a decision)
     reply = node.on_request(Request("POST /decisions", json.dumps(VECTORS["decision"]["object"]).encode()))
     assert reply.status == 200 and reply.body == {"reported_server_id": VECTORS["keys"]["server_c"]["id"],
                                                   "final_decision": "blacklisted", "applied": True}
